@@ -1,0 +1,203 @@
+//! hyper 1 server for the admin port, with bounds on what it accepts: request line and
+//! headers within 8 KiB (431 past that, 400 for garbage), at most `MAX_CONNECTIONS`
+//! connections at once (503 and close past that), a header read timeout against
+//! slowloris, and a few spare file descriptors so `/live` and `/metrics` still answer
+//! while the data plane has used up the descriptor limit.
+
+use super::{endpoints, ready};
+use crate::state::Shared;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+const MAX_CONNECTIONS: usize = 64;
+/// hyper's smallest allowed read buffer, and the contract's header limit.
+const MAX_HEADER_BYTES: usize = 8 * 1024;
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+const RESERVED_FDS: usize = 4;
+
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    crate::proxy::listener::bind(addr)
+}
+
+/// Serve until `token` is cancelled.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, token: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut reserve = Reserve::new();
+    loop {
+        reserve.refill();
+        let accepted = tokio::select! {
+            _ = token.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) if matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                // Out of descriptors: free the spares so this one connection can be
+                // accepted and answered, then take them back.
+                reserve.release();
+                match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%error, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            tokio::spawn(refuse_busy(stream));
+            continue;
+        };
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let shared = Arc::clone(&shared);
+                async move { Ok::<_, Infallible>(route(&shared, &request)) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_HEADER_BYTES)
+                .serve_connection(TokioIo::new(stream), service);
+            // Garbage, oversized or timed-out requests end here; hyper has already
+            // answered 400/431 where it could. Nothing to do but debug-log.
+            match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
+                Ok(Err(error)) => tracing::debug!(%error, "admin connection ended"),
+                Err(_) => tracing::debug!("admin connection closed after its lifetime"),
+                Ok(Ok(())) => {}
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn refuse_busy(mut stream: TcpStream) {
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        stream.write_all(
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 24\r\nconnection: close\r\n\r\ntoo many admin requests\n",
+        ),
+    )
+    .await;
+}
+
+fn route(shared: &Shared, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = request.uri().path();
+    let method = request.method();
+    let allowed = match path {
+        "/quitquitquit" => Method::POST,
+        "/ready" | "/startup" | "/live" | "/metrics" | "/endpoints" => Method::GET,
+        _ => return text(StatusCode::NOT_FOUND, "not found\n"),
+    };
+    if method != allowed && !(allowed == Method::GET && method == Method::HEAD) {
+        let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        response.headers_mut().insert(
+            ALLOW,
+            HeaderValue::from_static(if allowed == Method::POST {
+                "POST"
+            } else {
+                "GET, HEAD"
+            }),
+        );
+        return response;
+    }
+    match path {
+        "/ready" => {
+            let reasons = ready::reasons(shared);
+            if reasons.is_empty() {
+                ready::latch_started(shared);
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &(reasons.join("\n") + "\n"),
+                )
+            }
+        }
+        "/startup" => {
+            if ready::reasons(shared).is_empty() {
+                ready::latch_started(shared);
+            }
+            if shared.started.load(std::sync::atomic::Ordering::Relaxed) {
+                text(StatusCode::OK, "started\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready yet\n")
+            }
+        }
+        "/live" => text(StatusCode::OK, "live\n"),
+        "/metrics" => {
+            let mut response = Response::new(Full::new(Bytes::from(shared.metrics.render())));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
+        "/endpoints" => {
+            let mut response = Response::new(Full::new(Bytes::from(endpoints::render(shared))));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        "/quitquitquit" => {
+            tracing::info!("shutdown requested on the admin port");
+            shared.shutdown.cancel();
+            text(StatusCode::OK, "draining\n")
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_owned())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Spare descriptors held open so the admin port can still accept under EMFILE.
+struct Reserve(Vec<File>);
+
+impl Reserve {
+    fn new() -> Reserve {
+        let mut reserve = Reserve(Vec::with_capacity(RESERVED_FDS));
+        reserve.refill();
+        reserve
+    }
+
+    fn refill(&mut self) {
+        while self.0.len() < RESERVED_FDS {
+            match File::open("/dev/null") {
+                Ok(file) => self.0.push(file),
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn release(&mut self) {
+        self.0.clear();
+    }
+}

@@ -1,0 +1,319 @@
+//! Prometheus metrics: one `Metrics` value owns its own `Registry` (never a global),
+//! so two proxies in one process — as in tests — never collide.
+//!
+//! Names live here as constants and match PRODUCT.md exactly. Hot paths never look a
+//! label up per chunk: each listener resolves its label handles once (`ListenerMetrics`).
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+pub const CONNECTIONS_TOTAL: &str = "legate_connections_total";
+pub const CONNECTIONS_ACTIVE: &str = "legate_connections_active";
+pub const CONNECTIONS_REJECTED_TOTAL: &str = "legate_connections_rejected_total";
+pub const BYTES_TOTAL: &str = "legate_bytes_total";
+pub const SPLICE_BYTES_TOTAL: &str = "legate_splice_bytes_total";
+pub const UPSTREAM_CONNECT_SECONDS: &str = "legate_upstream_connect_seconds";
+pub const UPSTREAM_CONNECT_FAILURES_TOTAL: &str = "legate_upstream_connect_failures_total";
+pub const RESETS_TOTAL: &str = "legate_resets_total";
+pub const IDLE_TIMEOUTS_TOTAL: &str = "legate_idle_timeouts_total";
+pub const ACCEPT_ERRORS_TOTAL: &str = "legate_accept_errors_total";
+pub const ENDPOINTS: &str = "legate_endpoints";
+pub const RELOADS_TOTAL: &str = "legate_reloads_total";
+pub const READY: &str = "legate_ready";
+pub const TLS_CERT_EXPIRY: &str = "legate_tls_cert_expiry_timestamp_seconds";
+pub const HEALTH_CHECKS_TOTAL: &str = "legate_health_checks_total";
+pub const PANICS_TOTAL: &str = "legate_panics_total";
+
+/// Why a client connection was closed without being forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    NoEndpoint,
+    MaxConnections,
+    ConnectFailed,
+}
+
+impl RejectReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::NoEndpoint => "no_endpoint",
+            RejectReason::MaxConnections => "max_connections",
+            RejectReason::ConnectFailed => "connect_failed",
+        }
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    connections_total: IntCounterVec,
+    connections_active: IntGaugeVec,
+    connections_rejected: IntCounterVec,
+    bytes_total: IntCounterVec,
+    splice_bytes: IntCounterVec,
+    connect_seconds: HistogramVec,
+    connect_failures: IntCounterVec,
+    resets: IntCounterVec,
+    idle_timeouts: IntCounterVec,
+    accept_errors: IntCounterVec,
+    health_checks: IntCounterVec,
+    pub endpoints: IntGaugeVec,
+    pub reloads: IntCounterVec,
+    pub ready: IntGauge,
+    pub tls_cert_expiry: prometheus::GaugeVec,
+    pub panics: IntCounter,
+}
+
+/// Label handles for one listener, resolved once.
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    pub connections_total: IntCounter,
+    pub connections_active: IntGauge,
+    pub rejected_no_endpoint: IntCounter,
+    pub rejected_max_connections: IntCounter,
+    pub rejected_connect_failed: IntCounter,
+    pub bytes_upstream: IntCounter,
+    pub bytes_downstream: IntCounter,
+    pub splice_bytes: IntCounter,
+    pub connect_seconds: prometheus::Histogram,
+    pub resets_from_client: IntCounter,
+    pub resets_from_upstream: IntCounter,
+    pub idle_timeouts: IntCounter,
+    pub endpoints_healthy: IntGauge,
+    pub endpoints_unhealthy: IntGauge,
+    connect_failures: IntCounterVec,
+    health_checks: IntCounterVec,
+    accept_errors: IntCounterVec,
+    name: String,
+}
+
+impl ListenerMetrics {
+    pub fn rejected(&self, reason: RejectReason) -> &IntCounter {
+        match reason {
+            RejectReason::NoEndpoint => &self.rejected_no_endpoint,
+            RejectReason::MaxConnections => &self.rejected_max_connections,
+            RejectReason::ConnectFailed => &self.rejected_connect_failed,
+        }
+    }
+
+    /// Rare (a failed dial), so the label lookup is fine here.
+    pub fn connect_failure(&self, endpoint: &str) {
+        self.connect_failures
+            .with_label_values(&[self.name.as_str(), endpoint])
+            .inc();
+    }
+
+    pub fn health_check(&self, result: &str) {
+        self.health_checks
+            .with_label_values(&[self.name.as_str(), result])
+            .inc();
+    }
+
+    pub fn accept_error(&self, errno: &str) {
+        self.accept_errors
+            .with_label_values(&[self.name.as_str(), errno])
+            .inc();
+    }
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let vec = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    registry
+        .register(Box::new(vec.clone()))
+        .expect("metric registered once");
+    vec
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let vec = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    registry
+        .register(Box::new(vec.clone()))
+        .expect("metric registered once");
+    vec
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        #[cfg(target_os = "linux")]
+        {
+            let process = prometheus::process_collector::ProcessCollector::for_self();
+            // A failure here only loses process_* series; never worth refusing to start.
+            let _ = registry.register(Box::new(process));
+        }
+        let connect_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                UPSTREAM_CONNECT_SECONDS,
+                "Time to establish an upstream connection, including failed attempts.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0,
+            ]),
+            &["listener"],
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(connect_seconds.clone()))
+            .expect("metric registered once");
+        let ready = IntGauge::new(READY, "1 while /ready answers 200.").expect("valid metric");
+        registry
+            .register(Box::new(ready.clone()))
+            .expect("metric registered once");
+        let panics = IntCounter::new(
+            PANICS_TOTAL,
+            "Connection or background tasks that panicked (a bug: please report).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(panics.clone()))
+            .expect("metric registered once");
+        let tls_cert_expiry = prometheus::GaugeVec::new(
+            Opts::new(
+                TLS_CERT_EXPIRY,
+                "notAfter of each certificate in use, as a Unix timestamp.",
+            ),
+            &["listener", "role"],
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(tls_cert_expiry.clone()))
+            .expect("metric registered once");
+        let metrics = Metrics {
+            connections_total: counter_vec(
+                &registry,
+                CONNECTIONS_TOTAL,
+                "Client connections accepted.",
+                &["listener"],
+            ),
+            connections_active: gauge_vec(
+                &registry,
+                CONNECTIONS_ACTIVE,
+                "Client connections open now.",
+                &["listener"],
+            ),
+            connections_rejected: counter_vec(
+                &registry,
+                CONNECTIONS_REJECTED_TOTAL,
+                "Client connections closed without being forwarded.",
+                &["listener", "reason"],
+            ),
+            bytes_total: counter_vec(
+                &registry,
+                BYTES_TOTAL,
+                "Bytes forwarded: upstream = toward the backend, downstream = toward the client.",
+                &["listener", "direction"],
+            ),
+            splice_bytes: counter_vec(
+                &registry,
+                SPLICE_BYTES_TOTAL,
+                "Bytes moved with splice(2), never copied through user space (both directions).",
+                &["listener"],
+            ),
+            connect_seconds,
+            connect_failures: counter_vec(
+                &registry,
+                UPSTREAM_CONNECT_FAILURES_TOTAL,
+                "Failed upstream connection attempts (refused, timed out, TLS failure).",
+                &["listener", "endpoint"],
+            ),
+            resets: counter_vec(
+                &registry,
+                RESETS_TOTAL,
+                "Connections reset by a peer (from = client or upstream); the other side is reset too.",
+                &["listener", "from"],
+            ),
+            idle_timeouts: counter_vec(
+                &registry,
+                IDLE_TIMEOUTS_TOTAL,
+                "Connections closed by idle_timeout.",
+                &["listener"],
+            ),
+            accept_errors: counter_vec(
+                &registry,
+                ACCEPT_ERRORS_TOTAL,
+                "accept(2) failures such as EMFILE; the listener backs off.",
+                &["listener", "errno"],
+            ),
+            health_checks: counter_vec(
+                &registry,
+                HEALTH_CHECKS_TOTAL,
+                "Active health checks run, by result.",
+                &["listener", "result"],
+            ),
+            endpoints: gauge_vec(
+                &registry,
+                ENDPOINTS,
+                "Endpoints per listener: healthy = eligible for traffic now.",
+                &["listener", "state"],
+            ),
+            reloads: counter_vec(
+                &registry,
+                RELOADS_TOTAL,
+                "Reloads of configuration, endpoint files and DNS answers.",
+                &["source", "result"],
+            ),
+            ready,
+            tls_cert_expiry,
+            panics,
+            registry,
+        };
+        // Series that exist from the start read 0, not absent, so alerts can use rate().
+        for source in ["config", "file", "dns"] {
+            for result in ["ok", "error"] {
+                metrics.reloads.with_label_values(&[source, result]);
+            }
+        }
+        metrics
+    }
+
+    pub fn listener(&self, name: &str) -> ListenerMetrics {
+        ListenerMetrics {
+            connections_total: self.connections_total.with_label_values(&[name]),
+            connections_active: self.connections_active.with_label_values(&[name]),
+            rejected_no_endpoint: self
+                .connections_rejected
+                .with_label_values(&[name, RejectReason::NoEndpoint.as_str()]),
+            rejected_max_connections: self
+                .connections_rejected
+                .with_label_values(&[name, RejectReason::MaxConnections.as_str()]),
+            rejected_connect_failed: self
+                .connections_rejected
+                .with_label_values(&[name, RejectReason::ConnectFailed.as_str()]),
+            bytes_upstream: self.bytes_total.with_label_values(&[name, "upstream"]),
+            bytes_downstream: self.bytes_total.with_label_values(&[name, "downstream"]),
+            splice_bytes: self.splice_bytes.with_label_values(&[name]),
+            connect_seconds: self.connect_seconds.with_label_values(&[name]),
+            resets_from_client: self.resets.with_label_values(&[name, "client"]),
+            resets_from_upstream: self.resets.with_label_values(&[name, "upstream"]),
+            idle_timeouts: self.idle_timeouts.with_label_values(&[name]),
+            endpoints_healthy: self.endpoints.with_label_values(&[name, "healthy"]),
+            endpoints_unhealthy: self.endpoints.with_label_values(&[name, "unhealthy"]),
+            connect_failures: self.connect_failures.clone(),
+            health_checks: self.health_checks.clone(),
+            accept_errors: self.accept_errors.clone(),
+            name: name.to_string(),
+        }
+    }
+
+    /// Count a reload of `source` (`config`, `file`, `dns`).
+    pub fn reload(&self, source: &str, ok: bool) {
+        self.reloads
+            .with_label_values(&[source, if ok { "ok" } else { "error" }])
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,91 @@
+//! Dialling the upstream: pick, connect with `connect_timeout`, and on refusal or timeout
+//! try the next distinct endpoint, up to `connect_attempts`. Only reached before any
+//! client byte was forwarded, so a retry is always safe. A failed endpoint is passively
+//! ejected with back-off.
+
+use crate::config::ListenerConfig;
+use crate::discovery::{monotonic_ms, EndpointState};
+use crate::state::ListenerState;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::net::TcpStream;
+
+pub struct Upstream {
+    pub stream: TcpStream,
+    pub addr: SocketAddr,
+    pub state: Arc<EndpointState>,
+}
+
+#[derive(Debug)]
+pub enum ConnectError {
+    /// Nothing eligible to try.
+    NoEndpoint,
+    /// Every attempt failed; the last error says why.
+    Failed { attempts: usize, last: String },
+}
+
+/// At most this many endpoints are tried for one connection, whatever the config says,
+/// so the tried list lives on the stack.
+const MAX_ATTEMPTS: usize = 16;
+
+pub async fn connect(
+    listener: &ListenerState,
+    config: &ListenerConfig,
+) -> Result<Upstream, ConnectError> {
+    let set = listener.endpoints.load();
+    let balancer = listener.balancer.load();
+    let attempts = (config.connect_attempts as usize).clamp(1, MAX_ATTEMPTS);
+    let mut tried = [usize::MAX; MAX_ATTEMPTS];
+    let mut last = None;
+    for attempt in 0..attempts {
+        let Some(index) = balancer.pick(&set, &tried[..attempt], monotonic_ms()) else {
+            break;
+        };
+        tried[attempt] = index;
+        let endpoint = &set.endpoints[index];
+        let started = Instant::now();
+        let result =
+            tokio::time::timeout(config.connect_timeout, TcpStream::connect(endpoint.addr)).await;
+        listener
+            .metrics
+            .connect_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let error = match result {
+            Ok(Ok(stream)) => {
+                endpoint.state.connect_succeeded();
+                super::tune(&stream);
+                return Ok(Upstream {
+                    stream,
+                    addr: endpoint.addr,
+                    state: Arc::clone(&endpoint.state),
+                });
+            }
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => format!(
+                "timed out after {}",
+                crate::health::show(config.connect_timeout)
+            ),
+        };
+        let ejected = endpoint.state.connect_failed(monotonic_ms());
+        listener.metrics.connect_failure(&endpoint.addr.to_string());
+        if let Some(suppressed) = listener.warn_limit.allow(monotonic_ms(), 1000) {
+            tracing::warn!(
+                listener = %listener.name,
+                endpoint = %endpoint.addr,
+                %error,
+                ejected_for = %crate::health::show(ejected),
+                suppressed,
+                "upstream connect failed"
+            );
+        }
+        last = Some(error);
+    }
+    match last {
+        None => Err(ConnectError::NoEndpoint),
+        Some(last) => Err(ConnectError::Failed {
+            attempts: tried.iter().filter(|&&i| i != usize::MAX).count(),
+            last,
+        }),
+    }
+}

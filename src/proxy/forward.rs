@@ -1,0 +1,304 @@
+//! Moving bytes both ways between a client and its upstream.
+//!
+//! Each direction is a small state machine — running, then (on end of stream) shutting
+//! the destination's write side, then done — so a half-close travels as a half-close.
+//! The connection ends when both directions are done, when one side resets (the other
+//! side is then reset too, so a truncated stream never looks complete), on
+//! `idle_timeout` (counted from the last byte either way), or when the drain deadline
+//! cancels it.
+//!
+//! Plaintext TCP on Linux moves bytes with splice(2) (`splice.rs`); if the kernel
+//! refuses splice for a socket the direction falls back to a buffered copy.
+
+use crate::discovery::monotonic_ms;
+use crate::metrics::ListenerMetrics;
+use prometheus::IntCounter;
+use socket2::SockRef;
+use std::io;
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+#[cfg(target_os = "linux")]
+use super::splice;
+
+/// How a forwarded connection ended.
+#[derive(Debug)]
+pub enum End {
+    /// Both directions reached end of stream.
+    Closed,
+    /// A peer reset or failed; the other side was reset too.
+    Reset {
+        from: Side,
+        error: io::Error,
+    },
+    IdleTimeout,
+    /// The drain deadline passed.
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+        }
+    }
+}
+
+pub struct Outcome {
+    pub end: End,
+    /// Bytes sent toward the backend.
+    pub upstream_bytes: u64,
+    /// Bytes sent toward the client.
+    pub downstream_bytes: u64,
+}
+
+/// Which socket of a direction failed.
+enum DirectionError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// One direction's running totals, shared with the connection for its log line.
+#[derive(Default)]
+struct Progress {
+    moved: AtomicU64,
+    spliced: AtomicU64,
+}
+
+/// Forward until the connection ends; bytes are added to `metrics` as they move.
+pub async fn forward(
+    client: TcpStream,
+    upstream: TcpStream,
+    metrics: &ListenerMetrics,
+    idle_timeout: Option<Duration>,
+    cancel: &CancellationToken,
+) -> Outcome {
+    let activity = idle_timeout.map(|_| AtomicU64::new(monotonic_ms()));
+    let up = Progress::default();
+    let down = Progress::default();
+    let to_upstream = one_way(
+        &client,
+        &upstream,
+        &metrics.bytes_upstream,
+        &up,
+        activity.as_ref(),
+    );
+    let to_client = one_way(
+        &upstream,
+        &client,
+        &metrics.bytes_downstream,
+        &down,
+        activity.as_ref(),
+    );
+    let idle = idle_watch(activity.as_ref(), idle_timeout);
+    tokio::pin!(to_upstream, to_client, idle);
+
+    let (mut up_done, mut down_done) = (false, false);
+    let end = loop {
+        tokio::select! {
+            result = &mut to_upstream, if !up_done => match result {
+                Ok(()) => up_done = true,
+                Err(DirectionError::Read(error)) => break End::Reset { from: Side::Client, error },
+                Err(DirectionError::Write(error)) => break End::Reset { from: Side::Upstream, error },
+            },
+            result = &mut to_client, if !down_done => match result {
+                Ok(()) => down_done = true,
+                Err(DirectionError::Read(error)) => break End::Reset { from: Side::Upstream, error },
+                Err(DirectionError::Write(error)) => break End::Reset { from: Side::Client, error },
+            },
+            _ = &mut idle => break End::IdleTimeout,
+            _ = cancel.cancelled() => break End::Cancelled,
+        }
+        if up_done && down_done {
+            break End::Closed;
+        }
+    };
+    if let End::Reset { from, .. } = &end {
+        // Linger 0 makes close() send RST: the reset travels on instead of a FIN that
+        // would make a truncated stream look complete.
+        let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
+        let _ = SockRef::from(&upstream).set_linger(Some(Duration::ZERO));
+        match from {
+            Side::Client => metrics.resets_from_client.inc(),
+            Side::Upstream => metrics.resets_from_upstream.inc(),
+        }
+    }
+    if matches!(end, End::IdleTimeout) {
+        metrics.idle_timeouts.inc();
+    }
+    let spliced = up.spliced.load(Relaxed) + down.spliced.load(Relaxed);
+    if spliced > 0 {
+        metrics.splice_bytes.inc_by(spliced);
+    }
+    Outcome {
+        end,
+        upstream_bytes: up.moved.load(Relaxed),
+        downstream_bytes: down.moved.load(Relaxed),
+    }
+}
+
+async fn idle_watch(activity: Option<&AtomicU64>, idle_timeout: Option<Duration>) {
+    let (Some(activity), Some(idle)) = (activity, idle_timeout) else {
+        return std::future::pending().await;
+    };
+    let idle_ms = idle.as_millis() as u64;
+    loop {
+        let deadline = activity.load(Relaxed) + idle_ms;
+        let now = monotonic_ms();
+        if now >= deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(deadline - now)).await;
+    }
+}
+
+/// Forward `src` → `dst` until end of stream, then half-close `dst`.
+async fn one_way(
+    src: &TcpStream,
+    dst: &TcpStream,
+    bytes: &IntCounter,
+    progress: &Progress,
+    activity: Option<&AtomicU64>,
+) -> Result<(), DirectionError> {
+    #[cfg(target_os = "linux")]
+    {
+        match splice_one_way(src, dst, bytes, progress, activity).await {
+            Err(DirectionError::Read(error))
+                if error.raw_os_error() == Some(libc::EINVAL)
+                    && progress.moved.load(Relaxed) == 0 =>
+            {
+                tracing::debug!("splice refused by the kernel, using a buffered copy");
+            }
+            other => return other,
+        }
+    }
+    copy_one_way(src, dst, bytes, progress, activity).await
+}
+
+fn record(bytes: &IntCounter, progress: &Progress, activity: Option<&AtomicU64>, moved: usize) {
+    bytes.inc_by(moved as u64);
+    progress.moved.fetch_add(moved as u64, Relaxed);
+    if let Some(activity) = activity {
+        activity.store(monotonic_ms(), Relaxed);
+    }
+}
+
+fn half_close(dst: &TcpStream) {
+    // ENOTCONN here means the peer is already gone; the other direction will see it.
+    let _ = SockRef::from(dst).shutdown(Shutdown::Write);
+}
+
+#[cfg(target_os = "linux")]
+async fn splice_one_way(
+    src: &TcpStream,
+    dst: &TcpStream,
+    bytes: &IntCounter,
+    progress: &Progress,
+    activity: Option<&AtomicU64>,
+) -> Result<(), DirectionError> {
+    loop {
+        // Fill: wait for data without holding a pipe, then take one for this burst.
+        src.readable().await.map_err(DirectionError::Read)?;
+        let pipe = splice::take().map_err(DirectionError::Read)?;
+        let mut in_pipe =
+            match src.try_io(Interest::READABLE, || pipe.fill_from(src, splice::CHUNK)) {
+                Ok(0) => {
+                    splice::give_back(pipe);
+                    half_close(dst);
+                    return Ok(());
+                }
+                Ok(filled) => filled,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    splice::give_back(pipe);
+                    continue;
+                }
+                Err(error) => {
+                    splice::give_back(pipe);
+                    return Err(DirectionError::Read(error));
+                }
+            };
+        // Drain, then keep filling while the source has more, so a busy stream keeps
+        // its pipe and pays no readiness round trip per chunk.
+        loop {
+            while in_pipe > 0 {
+                dst.writable().await.map_err(DirectionError::Write)?;
+                match dst.try_io(Interest::WRITABLE, || pipe.drain_to(dst, in_pipe)) {
+                    Ok(moved) => {
+                        in_pipe -= moved;
+                        progress.spliced.fetch_add(moved as u64, Relaxed);
+                        record(bytes, progress, activity, moved);
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                    // The pipe still holds bytes: drop (close) it rather than pool it.
+                    Err(error) => return Err(DirectionError::Write(error)),
+                }
+            }
+            match src.try_io(Interest::READABLE, || pipe.fill_from(src, splice::CHUNK)) {
+                Ok(0) => {
+                    splice::give_back(pipe);
+                    half_close(dst);
+                    return Ok(());
+                }
+                Ok(filled) => in_pipe = filled,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    splice::give_back(pipe);
+                    break;
+                }
+                Err(error) => {
+                    splice::give_back(pipe);
+                    return Err(DirectionError::Read(error));
+                }
+            }
+        }
+    }
+}
+
+/// The portable path: a bounded buffer, allocated on first data so idle connections
+/// cost nothing.
+async fn copy_one_way(
+    src: &TcpStream,
+    dst: &TcpStream,
+    bytes: &IntCounter,
+    progress: &Progress,
+    activity: Option<&AtomicU64>,
+) -> Result<(), DirectionError> {
+    let mut buffer: Vec<u8> = Vec::new();
+    loop {
+        src.readable().await.map_err(DirectionError::Read)?;
+        if buffer.is_empty() {
+            buffer = vec![0; 16 * 1024];
+        }
+        let filled = match src.try_read(&mut buffer) {
+            Ok(0) => {
+                half_close(dst);
+                return Ok(());
+            }
+            Ok(filled) => filled,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(error) => return Err(DirectionError::Read(error)),
+        };
+        let mut written = 0;
+        while written < filled {
+            dst.writable().await.map_err(DirectionError::Write)?;
+            match dst.try_write(&buffer[written..filled]) {
+                Ok(moved) => {
+                    written += moved;
+                    record(bytes, progress, activity, moved);
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) => return Err(DirectionError::Write(error)),
+            }
+        }
+    }
+}

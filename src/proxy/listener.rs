@@ -1,0 +1,198 @@
+//! The accept loop of one listener.
+//!
+//! Each accepted connection gets its own task (tracked, so the drain can wait for it);
+//! the dial and the forwarding happen there, never in the loop, so one slow upstream
+//! cannot stall accepting. Over `max_connections`, the connection is accepted and reset
+//! at once and counted, never left waiting in the backlog. accept(2) errors such as
+//! EMFILE back off (5ms doubling to 1s) instead of spinning.
+
+use super::connect::{self, ConnectError};
+use super::forward::{self, End};
+use crate::discovery::{monotonic_ms, EndpointState};
+use crate::metrics::RejectReason;
+use crate::state::ListenerState;
+use socket2::SockRef;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Bind a listening socket the way a proxy wants it.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    // Restarting legate must not wait for TIME_WAIT of the previous process's sockets.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
+/// Accept until `listener.accept_token` is cancelled; connection tasks go to `tracker`
+/// and end early when `connections` is cancelled (the drain deadline).
+pub async fn serve(
+    listener: Arc<ListenerState>,
+    socket: TcpListener,
+    tracker: TaskTracker,
+    connections: CancellationToken,
+) {
+    listener.bound.store(true, Relaxed);
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = listener.accept_token.cancelled() => break,
+            accepted = socket.accept() => accepted,
+        };
+        let (client, peer) = match accepted {
+            Ok(accepted) => {
+                backoff = Duration::from_millis(5);
+                accepted
+            }
+            Err(error) => {
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::Interrupted
+                ) {
+                    continue;
+                }
+                let errno = errno_name(&error);
+                listener.metrics.accept_error(errno);
+                if let Some(suppressed) = listener.warn_limit.allow(monotonic_ms(), 1000) {
+                    tracing::warn!(listener = %listener.name, %error, errno, suppressed, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
+                }
+                tokio::select! {
+                    _ = listener.accept_token.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        listener.metrics.connections_total.inc();
+        let max = listener.config.load().max_connections;
+        if listener.active.load(Relaxed) >= max {
+            listener
+                .metrics
+                .rejected(RejectReason::MaxConnections)
+                .inc();
+            // Reset rather than FIN: the client learns at once it was not served.
+            let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
+            drop(client);
+            tracing::debug!(listener = %listener.name, %peer, max, "over max_connections; closed");
+            continue;
+        }
+        let guard = ActiveGuard::new(&listener);
+        let listener = Arc::clone(&listener);
+        let connections = connections.clone();
+        tracker.spawn(async move {
+            handle(client, peer, &listener, &connections).await;
+            drop(guard);
+        });
+    }
+    listener.bound.store(false, Relaxed);
+    tracing::info!(listener = %listener.name, "stopped accepting");
+}
+
+async fn handle(
+    client: TcpStream,
+    peer: SocketAddr,
+    listener: &ListenerState,
+    connections: &CancellationToken,
+) {
+    super::tune(&client);
+    let config = listener.config.load_full();
+    let dialled = tokio::select! {
+        dialled = connect::connect(listener, &config) => dialled,
+        _ = connections.cancelled() => return,
+    };
+    let upstream = match dialled {
+        Ok(upstream) => upstream,
+        Err(error) => {
+            let reason = match error {
+                ConnectError::NoEndpoint => RejectReason::NoEndpoint,
+                ConnectError::Failed { .. } => RejectReason::ConnectFailed,
+            };
+            listener.metrics.rejected(reason).inc();
+            tracing::debug!(listener = %listener.name, %peer, ?error, "client closed: no upstream");
+            return;
+        }
+    };
+    let endpoint = EndpointGuard::new(upstream.state);
+    let outcome = forward::forward(
+        client,
+        upstream.stream,
+        &listener.metrics,
+        config.idle_timeout,
+        connections,
+    )
+    .await;
+    drop(endpoint);
+    match &outcome.end {
+        End::Reset { from, error } => tracing::debug!(
+            listener = %listener.name, %peer, upstream = %upstream.addr,
+            from = from.as_str(), %error,
+            sent = outcome.upstream_bytes, received = outcome.downstream_bytes,
+            "connection reset"
+        ),
+        end => tracing::debug!(
+            listener = %listener.name, %peer, upstream = %upstream.addr, ?end,
+            sent = outcome.upstream_bytes, received = outcome.downstream_bytes,
+            "connection closed"
+        ),
+    }
+}
+
+fn errno_name(error: &std::io::Error) -> &'static str {
+    match error.raw_os_error() {
+        Some(libc::EMFILE) => "EMFILE",
+        Some(libc::ENFILE) => "ENFILE",
+        Some(libc::ENOBUFS) => "ENOBUFS",
+        Some(libc::ENOMEM) => "ENOMEM",
+        _ => "other",
+    }
+}
+
+/// Counts a client connection as open for as long as it lives, panics included.
+struct ActiveGuard {
+    listener: Arc<ListenerState>,
+}
+
+impl ActiveGuard {
+    fn new(listener: &Arc<ListenerState>) -> ActiveGuard {
+        listener.active.fetch_add(1, Relaxed);
+        listener.metrics.connections_active.inc();
+        ActiveGuard {
+            listener: Arc::clone(listener),
+        }
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.listener.active.fetch_sub(1, Relaxed);
+        self.listener.metrics.connections_active.dec();
+    }
+}
+
+/// Counts a connection against its endpoint (least-conn, `/endpoints`).
+struct EndpointGuard(Arc<EndpointState>);
+
+impl EndpointGuard {
+    fn new(state: Arc<EndpointState>) -> EndpointGuard {
+        state.active.fetch_add(1, Relaxed);
+        EndpointGuard(state)
+    }
+}
+
+impl Drop for EndpointGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Relaxed);
+    }
+}

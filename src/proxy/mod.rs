@@ -1,0 +1,25 @@
+//! The data plane: accept (`listener`), dial with failover (`connect`), move bytes
+//! (`forward`, with `splice` on Linux).
+
+pub mod connect;
+pub mod forward;
+pub mod listener;
+#[cfg(target_os = "linux")]
+mod splice;
+
+use socket2::{SockRef, TcpKeepalive};
+use std::time::Duration;
+use tokio::net::TcpStream;
+
+/// TCP_NODELAY (requests are forwarded as they come, never held back for Nagle) and
+/// keepalive (a peer that vanished without a FIN is found within about two minutes
+/// even when `idle_timeout` is off) on both sides of every connection.
+pub(crate) fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let keepalive = TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10));
+    #[cfg(any(target_os = "linux", target_os = "macos"))]
+    let keepalive = keepalive.with_retries(6);
+    let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
+}

@@ -1,0 +1,82 @@
+//! Shared state: what the data plane, the health checks and the admin server all read.
+//!
+//! `Shared` is built once per process; each listener has a `ListenerState` whose
+//! configuration, balancer and endpoints can be swapped at run time (reloads) without
+//! locks on the connection path.
+
+use crate::balance::Balancer;
+use crate::config::ListenerConfig;
+use crate::discovery::Endpoints;
+use crate::logging::RateLimit;
+use crate::metrics::{ListenerMetrics, Metrics};
+use arc_swap::ArcSwap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+pub struct Shared {
+    pub metrics: Metrics,
+    pub listeners: ArcSwap<Vec<Arc<ListenerState>>>,
+    /// Set once on SIGTERM or `/quitquitquit`: `/ready` turns 503 for good.
+    pub draining: AtomicBool,
+    /// `/startup` latch: set the first time the process is ready, never cleared.
+    pub started: AtomicBool,
+    pub ready_file: Option<PathBuf>,
+    /// Wakes the readiness watcher early (health or endpoint changes, drain).
+    pub readiness_changed: Notify,
+    /// Cancelled to ask for a graceful shutdown (the admin `/quitquitquit` path).
+    pub shutdown: CancellationToken,
+}
+
+impl Shared {
+    pub fn new(ready_file: Option<PathBuf>) -> Shared {
+        Shared {
+            metrics: Metrics::new(),
+            listeners: ArcSwap::from_pointee(Vec::new()),
+            draining: AtomicBool::new(false),
+            started: AtomicBool::new(false),
+            ready_file,
+            readiness_changed: Notify::new(),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+pub struct ListenerState {
+    pub name: String,
+    pub config: ArcSwap<ListenerConfig>,
+    pub balancer: ArcSwap<Balancer>,
+    pub endpoints: Endpoints,
+    pub metrics: ListenerMetrics,
+    /// True while the listening socket is open.
+    pub bound: AtomicBool,
+    /// Client connections open now (the `max_connections` count).
+    pub active: AtomicUsize,
+    /// Cancelled when this listener is removed or the process stops accepting.
+    pub accept_token: CancellationToken,
+    /// Keeps per-connection warnings (connect failures, accept errors) to one a second.
+    pub warn_limit: RateLimit,
+}
+
+impl ListenerState {
+    pub fn new(config: ListenerConfig, metrics: &Metrics, parent: &CancellationToken) -> Self {
+        let targets: Vec<String> = config.upstream.iter().map(|t| t.to_string()).collect();
+        ListenerState {
+            name: config.name.clone(),
+            metrics: metrics.listener(&config.name),
+            balancer: ArcSwap::from_pointee(Balancer::new(config.balance)),
+            endpoints: Endpoints::new(&targets),
+            config: ArcSwap::from_pointee(config),
+            bound: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            accept_token: parent.child_token(),
+            warn_limit: RateLimit::default(),
+        }
+    }
+}

@@ -13,6 +13,7 @@
 use crate::admin;
 use crate::config::{Config, Target};
 use crate::discovery;
+use crate::discovery::dns::DnsResolver;
 use crate::health;
 use crate::proxy::listener;
 use crate::state::{ListenerState, Shared};
@@ -33,6 +34,8 @@ pub enum StartError {
     },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("cannot set up DNS: {0}")]
+    Dns(String),
 }
 
 struct Signals {
@@ -107,8 +110,9 @@ pub async fn run(config: Config) -> Result<i32, StartError> {
     }
     shared.listeners.store(Arc::new(states.clone()));
 
+    let resolver = Arc::new(DnsResolver::new(&config.dns).map_err(StartError::Dns)?);
     for state in &states {
-        start_discovery(state, &shared, &config, &background);
+        start_discovery(state, &shared, &resolver, &background);
         tokio::spawn(health::run(
             Arc::clone(state),
             Arc::clone(&shared),
@@ -223,7 +227,7 @@ async fn drain(
 fn start_discovery(
     state: &Arc<ListenerState>,
     shared: &Arc<Shared>,
-    config: &Config,
+    resolver: &Arc<DnsResolver>,
     background: &CancellationToken,
 ) {
     let listener_config = state.config.load_full();
@@ -233,16 +237,26 @@ fn start_discovery(
             Target::Static(addr) => discovery::fixed::publish(&state.endpoints, &key, *addr),
             Target::Dns { host, port } => {
                 tokio::spawn(discovery::dns::run(
+                    Arc::clone(resolver),
                     Arc::clone(state),
                     Arc::clone(shared),
                     key,
                     host.clone(),
                     *port,
-                    config.dns.max_ttl,
                     background.clone(),
                 ));
             }
-            Target::Srv(_) | Target::File(_) => {
+            Target::Srv(name) => {
+                tokio::spawn(discovery::dns::run_srv(
+                    Arc::clone(resolver),
+                    Arc::clone(state),
+                    Arc::clone(shared),
+                    key,
+                    name.clone(),
+                    background.clone(),
+                ));
+            }
+            Target::File(_) => {
                 // TODO(issue 3): SRV and endpoint-file discovery.
                 state
                     .endpoints

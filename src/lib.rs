@@ -19,6 +19,7 @@
 //! - `lifecycle`: start-up, signals, drain and exit.
 //! - `wait`: `legate wait`.
 //! - `logging`: log setup and rate limits.
+//! - `watch`: watching a file through every way it gets replaced.
 #![deny(unsafe_code)]
 
 pub mod admin;
@@ -33,3 +34,4 @@ pub mod metrics;
 pub mod proxy;
 pub mod state;
 pub mod wait;
+pub mod watch;

@@ -256,12 +256,14 @@ fn start_discovery(
                     background.clone(),
                 ));
             }
-            Target::File(_) => {
-                // TODO(issue 3): SRV and endpoint-file discovery.
-                state
-                    .endpoints
-                    .source_failed(&key, "this target kind is not supported yet".into());
-                tracing::error!(listener = %state.name, target = %key, "target kind not supported yet");
+            Target::File(path) => {
+                tokio::spawn(discovery::file::run(
+                    Arc::clone(state),
+                    Arc::clone(shared),
+                    key,
+                    path.clone(),
+                    background.clone(),
+                ));
             }
         }
     }

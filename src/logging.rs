@@ -13,7 +13,14 @@ pub enum LogFormat {
 /// Install the global subscriber. `level` is a level (`info`) or a full filter
 /// (`legate=debug,warn`).
 pub fn init(format: LogFormat, level: &str) -> Result<(), String> {
-    let filter = EnvFilter::try_new(level)
+    // notify reports its own housekeeping (a watch on a directory that was just
+    // swapped away) at info/warn; that is expected here and only noise to users.
+    let directives = if level.contains("notify") {
+        level.to_string()
+    } else {
+        format!("{level},notify=error")
+    };
+    let filter = EnvFilter::try_new(&directives)
         .map_err(|error| format!("invalid --log-level {level:?}: {error}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -9,6 +9,7 @@
 
 pub mod dns;
 pub mod endpoint_file;
+pub mod file;
 pub mod fixed;
 
 use arc_swap::ArcSwap;

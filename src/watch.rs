@@ -1,0 +1,159 @@
+//! Watching one file the way real systems replace it.
+//!
+//! A file may be rewritten in place, replaced by a rename, deleted and recreated, or
+//! swapped the way Kubernetes swaps a ConfigMap volume: the visible file is a symlink
+//! through `..data`, and `..data` itself is atomically re-pointed at a new directory, so
+//! the file's own inode never sees an event. So the *directory* is watched and any
+//! event in it (other than reads) means "look again"; the reader compares contents and
+//! applies only real changes. The notify callback only forwards a wake-up into a
+//! one-slot channel, which coalesces bursts. A periodic re-read backs the watcher up
+//! where events are lost (and covers a directory that does not exist yet).
+
+use notify::event::{AccessKind, AccessMode, EventKind};
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Bursts of events closer than this are read once.
+pub const DEBOUNCE: Duration = Duration::from_millis(50);
+
+pub struct FileWatch {
+    path: PathBuf,
+    directory: PathBuf,
+    watcher: Option<RecommendedWatcher>,
+    /// Identity of the directory the watch is on, to notice it being replaced.
+    watched_inode: Option<(u64, u64)>,
+    /// The directories the current watcher covers.
+    watched: Vec<PathBuf>,
+    wake_tx: mpsc::Sender<()>,
+    wake_rx: mpsc::Receiver<()>,
+    poll: Duration,
+}
+
+impl FileWatch {
+    /// Watch `path`; `poll` is the backstop re-read period.
+    pub fn new(path: &Path, poll: Duration) -> FileWatch {
+        let directory = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let (wake_tx, wake_rx) = mpsc::channel(1);
+        let mut watch = FileWatch {
+            path: path.to_path_buf(),
+            directory,
+            watcher: None,
+            watched_inode: None,
+            watched: Vec::new(),
+            wake_tx,
+            wake_rx,
+            poll,
+        };
+        watch.arm();
+        watch
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The directories to watch: the file's own, and — when the file is a symlink —
+    /// the directory of what it points to now (so an in-place edit of the target is
+    /// seen too; after a `..data` swap that directory changes, hence re-arming).
+    fn wanted(&self) -> Vec<PathBuf> {
+        let mut wanted = vec![self.directory.clone()];
+        if let Some(target_dir) = std::fs::canonicalize(&self.path)
+            .ok()
+            .and_then(|real| real.parent().map(Path::to_path_buf))
+        {
+            let own = std::fs::canonicalize(&self.directory).ok();
+            if own.as_ref() != Some(&target_dir) {
+                wanted.push(target_dir);
+            }
+        }
+        wanted
+    }
+
+    /// (Re-)start watching; false while the directory does not exist.
+    fn arm(&mut self) -> bool {
+        let wanted = self.wanted();
+        if self.watcher.is_some() && wanted == self.watched {
+            return true;
+        }
+        self.watcher = None;
+        let wake = self.wake_tx.clone();
+        let handler = move |event: notify::Result<notify::Event>| {
+            let relevant = match event {
+                Ok(event) => !matches!(
+                    event.kind,
+                    EventKind::Access(AccessKind::Open(_))
+                        | EventKind::Access(AccessKind::Read)
+                        | EventKind::Access(AccessKind::Close(AccessMode::Read))
+                        | EventKind::Access(AccessKind::Close(AccessMode::Execute))
+                        | EventKind::Access(AccessKind::Close(AccessMode::Any))
+                ),
+                // An overflowed queue means events were lost: look again.
+                Err(_) => true,
+            };
+            if relevant {
+                // Full means a wake-up is already pending; that one will do.
+                let _ = wake.try_send(());
+            }
+        };
+        let watcher = notify::recommended_watcher(handler).and_then(|mut watcher| {
+            for directory in &wanted {
+                watcher.watch(directory, RecursiveMode::NonRecursive)?;
+            }
+            Ok(watcher)
+        });
+        match watcher {
+            Ok(watcher) => {
+                self.watcher = Some(watcher);
+                self.watched_inode = inode(&self.directory);
+                self.watched = wanted;
+                true
+            }
+            Err(error) => {
+                tracing::debug!(directory = %self.directory.display(), %error, "cannot watch directory yet");
+                false
+            }
+        }
+    }
+
+    /// Wait until the file may have changed (an event, or the poll period passed).
+    pub async fn changed(&mut self) {
+        tokio::select! {
+            _ = self.wake_rx.recv() => {
+                // Let the writer finish its burst, then swallow what it caused.
+                tokio::time::sleep(DEBOUNCE).await;
+                while self.wake_rx.try_recv().is_ok() {}
+            }
+            _ = tokio::time::sleep(self.poll) => {
+                // The directory may have been replaced (`mv dir dir.old && mkdir dir`):
+                // a watch on the old inode would never fire again, so re-arm.
+                if !self.directory.exists() || self.directory_replaced() {
+                    self.watcher = None;
+                }
+            }
+        }
+        self.arm();
+    }
+
+    fn directory_replaced(&self) -> bool {
+        self.watcher.is_some() && inode(&self.directory) != self.watched_inode
+    }
+}
+
+fn inode(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Read at most `cap` bytes of `path`; `Ok(None)` when it is larger than `cap`.
+pub fn read_capped(path: &Path, cap: usize) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let mut buffer = Vec::new();
+    file.take(cap as u64 + 1).read_to_end(&mut buffer)?;
+    Ok((buffer.len() <= cap).then_some(buffer))
+}

@@ -7,7 +7,7 @@
 //! comma-separated) there is no order to go by, so exactly one listen address is allowed.
 
 use crate::config::duration::parse_duration;
-use crate::config::{Config, ConfigError, ListenerConfig, Target};
+use crate::config::{ListenerConfig, Target};
 use crate::logging::LogFormat;
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -173,26 +173,6 @@ fn pair(run: &RunArgs, matches: &clap::ArgMatches) -> Result<Vec<ListenerConfig>
         })
         .collect();
     Ok(listeners)
-}
-
-/// The configuration `legate run` should use: the file (if any) plus quick-mode
-/// listeners, with `--admin` taking precedence.
-pub fn run_config(run: &RunArgs, quick: Vec<ListenerConfig>) -> Result<Config, ConfigError> {
-    let mut config = match &run.config {
-        Some(path) => Config::load(path)?,
-        None => Config {
-            admin: Default::default(),
-            runtime: Default::default(),
-            dns: Default::default(),
-            listeners: Vec::new(),
-        },
-    };
-    config.listeners.extend(quick);
-    if let Some(admin) = run.admin {
-        config.admin.listen = admin;
-    }
-    config.validate_quick()?;
-    Ok(config)
 }
 
 #[cfg(test)]

@@ -39,7 +39,12 @@ fn main() -> ExitCode {
                 eprintln!("legate: {error}");
                 return ExitCode::from(2);
             }
-            let config = match cli::run_config(&run, quick) {
+            let source = legate::lifecycle::Source {
+                path: run.config.clone(),
+                quick,
+                admin: run.admin,
+            };
+            let config = match source.load() {
                 Ok(config) => config,
                 Err(error) => {
                     eprintln!("legate: {error}");
@@ -57,7 +62,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let result = runtime.block_on(legate::lifecycle::run(config));
+            let result = runtime.block_on(legate::lifecycle::run(config, source));
             // Connection tasks still parked after the drain must not hold the exit.
             runtime.shutdown_timeout(std::time::Duration::from_secs(1));
             match result {

@@ -60,12 +60,22 @@ pub struct ListenerState {
     pub active: AtomicUsize,
     /// Cancelled when this listener is removed or the process stops accepting.
     pub accept_token: CancellationToken,
+    /// Cancelled when this listener is removed: its health checks and discovery.
+    pub tasks: CancellationToken,
+    /// The discovery tasks of the current targets; replaced when the targets change.
+    pub discovery: std::sync::Mutex<CancellationToken>,
     /// Keeps per-connection warnings (connect failures, accept errors) to one a second.
     pub warn_limit: RateLimit,
 }
 
 impl ListenerState {
-    pub fn new(config: ListenerConfig, metrics: &Metrics, parent: &CancellationToken) -> Self {
+    pub fn new(
+        config: ListenerConfig,
+        metrics: &Metrics,
+        accepting: &CancellationToken,
+        background: &CancellationToken,
+    ) -> Self {
+        let tasks = background.child_token();
         let targets: Vec<String> = config.upstream.iter().map(|t| t.to_string()).collect();
         ListenerState {
             name: config.name.clone(),
@@ -75,7 +85,9 @@ impl ListenerState {
             config: ArcSwap::from_pointee(config),
             bound: AtomicBool::new(false),
             active: AtomicUsize::new(0),
-            accept_token: parent.child_token(),
+            accept_token: accepting.child_token(),
+            discovery: std::sync::Mutex::new(tasks.child_token()),
+            tasks,
             warn_limit: RateLimit::default(),
         }
     }

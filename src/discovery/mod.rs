@@ -273,6 +273,32 @@ impl Endpoints {
         lock(&self.sources).clone()
     }
 
+    /// Change the listener's targets (a config reload): answers of targets that stay
+    /// are kept, new targets start unresolved, and the union is republished.
+    pub fn set_targets(&self, targets: &[String]) {
+        let mut sources = lock(&self.sources);
+        let mut next: Vec<SourceStatus> = Vec::with_capacity(targets.len());
+        for target in targets {
+            match sources.iter().find(|s| &*s.target == target.as_str()) {
+                Some(existing) => next.push(existing.clone()),
+                None => next.push(SourceStatus {
+                    target: Arc::from(target.as_str()),
+                    updated: None,
+                    error: None,
+                    endpoints: Vec::new(),
+                    resolved: false,
+                }),
+            }
+        }
+        *sources = next;
+        let merged = merge(&sources, &self.published.load());
+        if !same_endpoints(&self.published.load(), &merged) {
+            self.published.store(Arc::new(merged));
+            drop(sources);
+            self.changed.notify_waiters();
+        }
+    }
+
     /// Record a failed resolution or read of `target`: the last good answer stays.
     pub fn source_failed(&self, target: &str, error: String) {
         let mut sources = lock(&self.sources);
@@ -377,6 +403,19 @@ mod tests {
             &first.endpoints[0].state,
             &second.endpoints[0].state
         ));
+    }
+
+    #[test]
+    fn changing_targets_keeps_answers_of_those_that_stay() {
+        let endpoints = Endpoints::new(&["a".into(), "b".into()]);
+        endpoints.update("a", vec![EndpointSpec::plain(addr(1))]);
+        endpoints.update("b", vec![EndpointSpec::plain(addr(2))]);
+        endpoints.set_targets(&["b".into(), "c".into()]);
+        let set = endpoints.load();
+        assert_eq!(set.endpoints.len(), 1);
+        assert_eq!(set.endpoints[0].addr, addr(2));
+        let sources = endpoints.sources();
+        assert!(sources[0].resolved && !sources[1].resolved);
     }
 
     #[test]

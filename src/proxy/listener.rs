@@ -32,14 +32,15 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(4096)
 }
 
-/// Accept until `listener.accept_token` is cancelled; connection tasks go to `tracker`
-/// and end early when `connections` is cancelled (the drain deadline).
+/// Accept until `listener.accept_token` is cancelled, then hand the socket back (a
+/// reload may give the address to another listener; dropping it stops listening).
+/// Connection tasks go to `tracker` and end early when `connections` is cancelled.
 pub async fn serve(
     listener: Arc<ListenerState>,
     socket: TcpListener,
     tracker: TaskTracker,
     connections: CancellationToken,
-) {
+) -> TcpListener {
     listener.bound.store(true, Relaxed);
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -98,6 +99,7 @@ pub async fn serve(
     }
     listener.bound.store(false, Relaxed);
     tracing::info!(listener = %listener.name, "stopped accepting");
+    socket
 }
 
 async fn handle(

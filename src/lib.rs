@@ -13,10 +13,12 @@
 //! - `balance`: picking an endpoint (round-robin, least-conn, random, first).
 //! - `health`: active checks with rise/fall thresholds.
 //! - `proxy`: accept loop, connect with failover, forwarding (splice on Linux).
+//! - `tls`: rustls origination and termination, certificate loading and reload.
 //! - `admin`: the admin HTTP server (/ready, /startup, /live, /metrics, /endpoints).
 //! - `metrics`: the Prometheus registry and metric names.
 //! - `state`: the shared state the data plane and admin read.
 //! - `lifecycle`: start-up, signals, drain and exit.
+//! - `supervise`: `legate run ... -- CMD`, the app started once ready, signals passed on.
 //! - `wait`: `legate wait`.
 //! - `logging`: log setup and rate limits.
 //! - `watch`: watching a file through every way it gets replaced.
@@ -33,5 +35,7 @@ pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod state;
+pub mod supervise;
+pub mod tls;
 pub mod wait;
 pub mod watch;

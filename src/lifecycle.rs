@@ -26,6 +26,8 @@ use crate::discovery::dns::DnsResolver;
 use crate::health;
 use crate::proxy::listener;
 use crate::state::{ListenerState, Shared};
+use crate::supervise;
+use crate::tls::{self, Expiry, ListenerTls};
 use crate::watch::FileWatch;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -53,6 +55,8 @@ pub enum StartError {
     Signals(std::io::Error),
     #[error("cannot set up DNS: {0}")]
     Dns(String),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// Where the configuration came from, so a reload can rebuild it the same way.
@@ -145,6 +149,16 @@ struct Supervisor {
 
 /// Run until shut down; returns the exit code.
 pub async fn run(config: Config, source: Source) -> Result<i32, StartError> {
+    run_supervising(config, source, Vec::new()).await
+}
+
+/// [`run`], and in supervise mode (`command` not empty) start the app once ready, pass
+/// signals on to it, and when it exits drain and return its exit code (see `supervise`).
+pub async fn run_supervising(
+    config: Config,
+    source: Source,
+    command: Vec<String>,
+) -> Result<i32, StartError> {
     let mut signals = Signals::install()?;
     let shared = Arc::new(Shared::new(config.admin.ready_file.clone()));
     // A ready file left by a killed predecessor must not claim readiness for us.
@@ -158,6 +172,13 @@ pub async fn run(config: Config, source: Source) -> Result<i32, StartError> {
     })?;
     if !config.admin.listen.ip().is_loopback() {
         tracing::warn!(admin = %config.admin.listen, "the admin port is not on loopback: anyone who reaches it can stop legate");
+    }
+    let mut materials = Vec::with_capacity(config.listeners.len());
+    for listener_config in &config.listeners {
+        let (tls, expiries) = ListenerTls::build(listener_config).map_err(|error| {
+            StartError::Tls(format!("listener {}: {error}", listener_config.name))
+        })?;
+        materials.push((tls, expiries));
     }
     let mut sockets = Vec::with_capacity(config.listeners.len());
     for listener_config in &config.listeners {
@@ -182,8 +203,9 @@ pub async fn run(config: Config, source: Source) -> Result<i32, StartError> {
         tracker: TaskTracker::new(),
         running: Vec::new(),
     };
-    for (listener_config, socket) in config.listeners.iter().zip(sockets) {
-        let running = supervisor.start_listener(listener_config.clone(), socket);
+    for ((listener_config, socket), material) in config.listeners.iter().zip(sockets).zip(materials)
+    {
+        let running = supervisor.start_listener(listener_config.clone(), material, socket);
         supervisor.running.push(running);
     }
     supervisor.publish_listeners();
@@ -208,6 +230,11 @@ pub async fn run(config: Config, source: Source) -> Result<i32, StartError> {
         .path
         .as_ref()
         .and_then(|path| std::fs::read(path).ok());
+    let mut app = (!command.is_empty()).then(|| supervise::App::new(command));
+    // Supervise mode: a stop asked for while the app runs goes on to the app, and legate
+    // drains once the app has exited (the app may need legate to finish its work).
+    let mut app_stopping = false;
+    let mut exit_code = 0;
     let cause = loop {
         let config_changed = async {
             match config_watch.as_mut() {
@@ -215,16 +242,58 @@ pub async fn run(config: Config, source: Source) -> Result<i32, StartError> {
                 None => std::future::pending().await,
             }
         };
+        let app_event = async {
+            match app.as_mut() {
+                Some(app) => app.next(&shared).await,
+                None => std::future::pending().await,
+            }
+        };
+        let quit_asked = shared.shutdown.is_cancelled();
         tokio::select! {
             event = signals.next() => match event {
-                Event::Stop(signal) => break signal,
+                Event::Stop(signal) => match app.as_ref().filter(|app| app.is_running()) {
+                    Some(app) => {
+                        app.forward(if signal == "SIGINT" { supervise::Signal::INT } else { supervise::Signal::TERM });
+                        app_stopping = begin_app_stop(&shared, app_stopping, signal);
+                    }
+                    None => break signal,
+                },
                 Event::Hangup => {
+                    if let Some(app) = &app {
+                        app.forward(supervise::Signal::HUP);
+                    }
+                    if app_stopping {
+                        tracing::info!("SIGHUP: no reload, shutting down");
+                        continue;
+                    }
                     tracing::info!("SIGHUP: reloading the configuration");
                     last_config_bytes = supervisor.source.path.as_ref().and_then(|p| std::fs::read(p).ok());
                     supervisor.reload().await;
                 }
             },
-            _ = shared.shutdown.cancelled() => break "/quitquitquit",
+            _ = shared.shutdown.cancelled(), if !quit_asked || !app_stopping => {
+                match app.as_ref().filter(|app| app.is_running()) {
+                    Some(app) => {
+                        app.forward(supervise::Signal::TERM);
+                        app_stopping = begin_app_stop(&shared, app_stopping, "/quitquitquit");
+                    }
+                    None => break "/quitquitquit",
+                }
+            }
+            event = app_event => match event {
+                supervise::AppEvent::Started { .. } => {}
+                supervise::AppEvent::CannotStart(message) => {
+                    tracing::error!("{message}");
+                    eprintln!("legate: {message}");
+                    exit_code = supervise::CANNOT_START;
+                    break "the supervised command could not start";
+                }
+                supervise::AppEvent::Exited(code) => {
+                    tracing::info!(code, "the supervised command exited");
+                    exit_code = code;
+                    break "the supervised command exited";
+                }
+            },
             _ = config_changed => {
                 let bytes = supervisor.source.path.as_ref().and_then(|p| std::fs::read(p).ok());
                 // A missing or empty file is a write in progress or a mistake: the
@@ -237,19 +306,45 @@ pub async fn run(config: Config, source: Source) -> Result<i32, StartError> {
             }
         }
     };
-    supervisor.drain(&mut signals, cause).await;
+    // With the app gone there is no one left to wait for: no shutdown_delay.
+    let delay = match app {
+        Some(_) => Duration::ZERO,
+        None => supervisor.config.runtime.shutdown_delay,
+    };
+    supervisor.drain(&mut signals, cause, delay).await;
     supervisor.background.cancel();
     admin::ready::refresh(&shared);
     if let Some(path) = &shared.ready_file {
         let _ = std::fs::remove_file(path);
     }
-    Ok(0)
+    Ok(exit_code)
+}
+
+/// Supervise mode: the first stop request turns `/ready` 503 while legate keeps
+/// proxying for the app's own shutdown. Returns the new `app_stopping`.
+fn begin_app_stop(shared: &Shared, already: bool, cause: &str) -> bool {
+    if !already {
+        shared.draining.store(true, Relaxed);
+        admin::ready::refresh(shared);
+        tracing::info!(
+            cause,
+            "shutting down: /ready is 503; waiting for the supervised command to exit"
+        );
+    }
+    true
 }
 
 impl Supervisor {
-    fn start_listener(&self, config: ListenerConfig, socket: TcpListener) -> Running {
+    fn start_listener(
+        &self,
+        config: ListenerConfig,
+        (tls, expiries): (ListenerTls, Vec<Expiry>),
+        socket: TcpListener,
+    ) -> Running {
+        tls::publish_expiries(&self.shared, &config.name, &expiries);
         let state = Arc::new(ListenerState::new(
             config,
+            tls,
             &self.shared.metrics,
             &self.accepting,
             &self.background,
@@ -288,6 +383,11 @@ impl Supervisor {
         );
         previous.cancel();
         let config = state.config.load_full();
+        tokio::spawn(tls::watch(
+            Arc::clone(state),
+            Arc::clone(&self.shared),
+            token.clone(),
+        ));
         for target in &config.upstream {
             let key = target.to_string();
             let (listener, shared) = (Arc::clone(state), Arc::clone(&self.shared));
@@ -372,6 +472,34 @@ impl Supervisor {
             })
             .map(|(_, listen)| listen)
             .collect();
+        // Certificates are checked up front too: a bad one refuses the whole reload.
+        let mut materials: Vec<(String, (ListenerTls, Vec<Expiry>))> = Vec::new();
+        for candidate in &new.listeners {
+            let unchanged = self.running.iter().any(|r| {
+                let current = r.state.config.load();
+                current.name == candidate.name
+                    && current.listen == candidate.listen
+                    && current.tls == candidate.tls
+                    && current.tls_server == candidate.tls_server
+            });
+            if unchanged {
+                continue;
+            }
+            match ListenerTls::build(candidate) {
+                Ok(material) => materials.push((candidate.name.clone(), material)),
+                Err(error) => {
+                    self.shared.metrics.reload("config", false);
+                    tracing::error!(listener = %candidate.name, %error, "configuration refused: TLS material; the running configuration stays");
+                    return;
+                }
+            }
+        }
+        let mut take_material = |name: &str| {
+            materials
+                .iter()
+                .position(|(n, _)| n == name)
+                .map(|index| materials.swap_remove(index).1)
+        };
         let mut fresh: Vec<(ListenerConfig, Option<TcpListener>)> = Vec::new();
         for candidate in new.listeners.iter().filter(|l| !keeps(l)) {
             if freed.contains(&candidate.listen) {
@@ -401,7 +529,11 @@ impl Supervisor {
             {
                 Some(next) => {
                     if *next != *current {
-                        self.change_in_place(&running.state, next.clone());
+                        self.change_in_place(
+                            &running.state,
+                            next.clone(),
+                            take_material(&next.name),
+                        );
                         changed += 1;
                     }
                     kept.push(running);
@@ -434,7 +566,8 @@ impl Supervisor {
                     },
                 },
             };
-            let running = self.start_listener(candidate, socket);
+            let material = take_material(&candidate.name).unwrap_or_default();
+            let running = self.start_listener(candidate, material, socket);
             self.running.push(running);
             added += 1;
         }
@@ -451,8 +584,18 @@ impl Supervisor {
         tracing::info!(added, removed, changed, "configuration reloaded");
     }
 
-    fn change_in_place(&self, state: &Arc<ListenerState>, next: ListenerConfig) {
+    fn change_in_place(
+        &self,
+        state: &Arc<ListenerState>,
+        next: ListenerConfig,
+        material: Option<(ListenerTls, Vec<Expiry>)>,
+    ) {
         let previous = state.config.load_full();
+        let tls_changed = material.is_some();
+        if let Some((tls, expiries)) = material {
+            state.tls.replace_with(tls);
+            tls::publish_expiries(&self.shared, &state.name, &expiries);
+        }
         if next.balance != previous.balance {
             state.balancer.store(Arc::new(Balancer::new(next.balance)));
         }
@@ -461,6 +604,8 @@ impl Supervisor {
         if targets_changed {
             let targets: Vec<String> = next.upstream.iter().map(|t| t.to_string()).collect();
             state.endpoints.set_targets(&targets);
+        }
+        if targets_changed || tls_changed {
             self.start_discovery(state);
         }
         // Wake the health checker so a changed check or interval applies now.
@@ -468,11 +613,10 @@ impl Supervisor {
         tracing::info!(listener = %state.name, "listener changed in place");
     }
 
-    async fn drain(&mut self, signals: &mut Signals, cause: &str) {
+    async fn drain(&mut self, signals: &mut Signals, cause: &str, delay: Duration) {
         let shared = &self.shared;
         shared.draining.store(true, Relaxed);
         admin::ready::refresh(shared);
-        let delay = self.config.runtime.shutdown_delay;
         let drain_timeout = self.config.runtime.drain_timeout;
         tracing::info!(
             cause,

@@ -15,11 +15,14 @@ pub enum LogFormat {
 pub fn init(format: LogFormat, level: &str) -> Result<(), String> {
     // notify reports its own housekeeping (a watch on a directory that was just
     // swapped away) at info/warn; that is expected here and only noise to users.
-    let directives = if level.contains("notify") {
-        level.to_string()
-    } else {
-        format!("{level},notify=error")
-    };
+    // rustls narrates every handshake at debug; one line per connection is ours to log.
+    let mut directives = level.to_string();
+    if !level.contains("notify") {
+        directives.push_str(",notify=error");
+    }
+    if !level.contains("rustls") {
+        directives.push_str(",rustls=warn");
+    }
     let filter = EnvFilter::try_new(&directives)
         .map_err(|error| format!("invalid --log-level {level:?}: {error}"))?;
     let builder = tracing_subscriber::fmt()

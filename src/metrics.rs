@@ -25,6 +25,8 @@ pub const READY: &str = "legate_ready";
 pub const TLS_CERT_EXPIRY: &str = "legate_tls_cert_expiry_timestamp_seconds";
 pub const HEALTH_CHECKS_TOTAL: &str = "legate_health_checks_total";
 pub const PANICS_TOTAL: &str = "legate_panics_total";
+pub const TLS_HANDSHAKE_ERRORS_TOTAL: &str = "legate_tls_handshake_errors_total";
+pub const TLS_HANDSHAKE_SECONDS: &str = "legate_tls_handshake_seconds";
 
 /// Why a client connection was closed without being forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +59,8 @@ pub struct Metrics {
     idle_timeouts: IntCounterVec,
     accept_errors: IntCounterVec,
     health_checks: IntCounterVec,
+    tls_handshake_errors: IntCounterVec,
+    tls_handshake_seconds: HistogramVec,
     pub endpoints: IntGaugeVec,
     pub reloads: IntCounterVec,
     pub ready: IntGauge,
@@ -81,9 +85,12 @@ pub struct ListenerMetrics {
     pub idle_timeouts: IntCounter,
     pub endpoints_healthy: IntGauge,
     pub endpoints_unhealthy: IntGauge,
+    pub tls_handshake_client: prometheus::Histogram,
+    pub tls_handshake_upstream: prometheus::Histogram,
     connect_failures: IntCounterVec,
     health_checks: IntCounterVec,
     accept_errors: IntCounterVec,
+    tls_handshake_errors: IntCounterVec,
     name: String,
 }
 
@@ -106,6 +113,13 @@ impl ListenerMetrics {
     pub fn health_check(&self, result: &str) {
         self.health_checks
             .with_label_values(&[self.name.as_str(), result])
+            .inc();
+    }
+
+    /// `side`: `client` (termination) or `upstream` (origination).
+    pub fn tls_handshake_failed(&self, side: &str, reason: &str) {
+        self.tls_handshake_errors
+            .with_label_values(&[self.name.as_str(), side, reason])
             .inc();
     }
 
@@ -155,6 +169,20 @@ impl Metrics {
         .expect("valid metric definition");
         registry
             .register(Box::new(connect_seconds.clone()))
+            .expect("metric registered once");
+        let tls_handshake_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                TLS_HANDSHAKE_SECONDS,
+                "Duration of successful TLS handshakes.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+            &["listener", "side"],
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(tls_handshake_seconds.clone()))
             .expect("metric registered once");
         let ready = IntGauge::new(READY, "1 while /ready answers 200.").expect("valid metric");
         registry
@@ -241,6 +269,13 @@ impl Metrics {
                 "Active health checks run, by result.",
                 &["listener", "result"],
             ),
+            tls_handshake_errors: counter_vec(
+                &registry,
+                TLS_HANDSHAKE_ERRORS_TOTAL,
+                "Failed TLS handshakes by side (client = termination, upstream = origination) and reason.",
+                &["listener", "side", "reason"],
+            ),
+            tls_handshake_seconds,
             endpoints: gauge_vec(
                 &registry,
                 ENDPOINTS,
@@ -259,7 +294,7 @@ impl Metrics {
             registry,
         };
         // Series that exist from the start read 0, not absent, so alerts can use rate().
-        for source in ["config", "file", "dns"] {
+        for source in ["config", "file", "dns", "tls"] {
             for result in ["ok", "error"] {
                 metrics.reloads.with_label_values(&[source, result]);
             }
@@ -289,9 +324,16 @@ impl Metrics {
             idle_timeouts: self.idle_timeouts.with_label_values(&[name]),
             endpoints_healthy: self.endpoints.with_label_values(&[name, "healthy"]),
             endpoints_unhealthy: self.endpoints.with_label_values(&[name, "unhealthy"]),
+            tls_handshake_client: self
+                .tls_handshake_seconds
+                .with_label_values(&[name, "client"]),
+            tls_handshake_upstream: self
+                .tls_handshake_seconds
+                .with_label_values(&[name, "upstream"]),
             connect_failures: self.connect_failures.clone(),
             health_checks: self.health_checks.clone(),
             accept_errors: self.accept_errors.clone(),
+            tls_handshake_errors: self.tls_handshake_errors.clone(),
             name: name.to_string(),
         }
     }

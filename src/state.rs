@@ -64,6 +64,8 @@ pub struct ListenerState {
     pub tasks: CancellationToken,
     /// The discovery tasks of the current targets; replaced when the targets change.
     pub discovery: std::sync::Mutex<CancellationToken>,
+    /// TLS material (origination and/or termination), swapped on certificate reload.
+    pub tls: crate::tls::ListenerTls,
     /// Keeps per-connection warnings (connect failures, accept errors) to one a second.
     pub warn_limit: RateLimit,
 }
@@ -71,6 +73,7 @@ pub struct ListenerState {
 impl ListenerState {
     pub fn new(
         config: ListenerConfig,
+        tls: crate::tls::ListenerTls,
         metrics: &Metrics,
         accepting: &CancellationToken,
         background: &CancellationToken,
@@ -89,6 +92,7 @@ impl ListenerState {
             discovery: std::sync::Mutex::new(tasks.child_token()),
             tasks,
             warn_limit: RateLimit::default(),
+            tls,
         }
     }
 }

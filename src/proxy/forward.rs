@@ -10,6 +10,7 @@
 //! Plaintext TCP on Linux moves bytes with splice(2) (`splice.rs`); if the kernel
 //! refuses splice for a socket the direction falls back to a buffered copy.
 
+use super::copy::Transport;
 use crate::discovery::monotonic_ms;
 use crate::metrics::ListenerMetrics;
 use prometheus::IntCounter;
@@ -64,22 +65,41 @@ pub struct Outcome {
 }
 
 /// Which socket of a direction failed.
-enum DirectionError {
+pub(super) enum DirectionError {
     Read(io::Error),
     Write(io::Error),
 }
 
 /// One direction's running totals, shared with the connection for its log line.
 #[derive(Default)]
-struct Progress {
-    moved: AtomicU64,
-    spliced: AtomicU64,
+pub(super) struct Progress {
+    pub(super) moved: AtomicU64,
+    pub(super) spliced: AtomicU64,
+}
+
+/// [`forward`] for whichever streams the listener produced.
+pub async fn forward_any(
+    client: super::listener::ClientStream,
+    upstream: super::connect::UpstreamStream,
+    metrics: &ListenerMetrics,
+    idle_timeout: Option<Duration>,
+    cancel: &CancellationToken,
+) -> Outcome {
+    use super::connect::UpstreamStream as U;
+    use super::listener::ClientStream as C;
+    match (client, upstream) {
+        (C::Plain(c), U::Plain(u)) => forward(c, u, metrics, idle_timeout, cancel).await,
+        (C::Plain(c), U::Tls(u)) => forward(c, *u, metrics, idle_timeout, cancel).await,
+        (C::Tls(c), U::Plain(u)) => forward(*c, u, metrics, idle_timeout, cancel).await,
+        (C::Tls(c), U::Tls(u)) => forward(*c, *u, metrics, idle_timeout, cancel).await,
+    }
 }
 
 /// Forward until the connection ends; bytes are added to `metrics` as they move.
-pub async fn forward(
-    client: TcpStream,
-    upstream: TcpStream,
+/// Plaintext on both sides splices; anything with TLS copies through buffers.
+pub async fn forward<C: Transport, U: Transport>(
+    mut client: C,
+    mut upstream: U,
     metrics: &ListenerMetrics,
     idle_timeout: Option<Duration>,
     cancel: &CancellationToken,
@@ -87,48 +107,33 @@ pub async fn forward(
     let activity = idle_timeout.map(|_| AtomicU64::new(monotonic_ms()));
     let up = Progress::default();
     let down = Progress::default();
-    let to_upstream = one_way(
-        &client,
-        &upstream,
-        &metrics.bytes_upstream,
-        &up,
-        activity.as_ref(),
-    );
-    let to_client = one_way(
-        &upstream,
-        &client,
-        &metrics.bytes_downstream,
-        &down,
-        activity.as_ref(),
-    );
-    let idle = idle_watch(activity.as_ref(), idle_timeout);
-    tokio::pin!(to_upstream, to_client, idle);
-
-    let (mut up_done, mut down_done) = (false, false);
-    let end = loop {
+    let end = {
+        let transfer = async {
+            #[cfg(target_os = "linux")]
+            if let (Some(client), Some(upstream)) = (client.plain(), upstream.plain()) {
+                return splice_both(client, upstream, metrics, &up, &down, activity.as_ref()).await;
+            }
+            super::copy::copy_bidirectional(
+                &mut client,
+                &mut upstream,
+                (&metrics.bytes_upstream, &up),
+                (&metrics.bytes_downstream, &down),
+                activity.as_ref(),
+            )
+            .await
+        };
+        let idle = idle_watch(activity.as_ref(), idle_timeout);
         tokio::select! {
-            result = &mut to_upstream, if !up_done => match result {
-                Ok(()) => up_done = true,
-                Err(DirectionError::Read(error)) => break End::Reset { from: Side::Client, error },
-                Err(DirectionError::Write(error)) => break End::Reset { from: Side::Upstream, error },
-            },
-            result = &mut to_client, if !down_done => match result {
-                Ok(()) => down_done = true,
-                Err(DirectionError::Read(error)) => break End::Reset { from: Side::Upstream, error },
-                Err(DirectionError::Write(error)) => break End::Reset { from: Side::Client, error },
-            },
-            _ = &mut idle => break End::IdleTimeout,
-            _ = cancel.cancelled() => break End::Cancelled,
-        }
-        if up_done && down_done {
-            break End::Closed;
+            end = transfer => end,
+            _ = idle => End::IdleTimeout,
+            _ = cancel.cancelled() => End::Cancelled,
         }
     };
     if let End::Reset { from, .. } = &end {
         // Linger 0 makes close() send RST: the reset travels on instead of a FIN that
         // would make a truncated stream look complete.
-        let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
-        let _ = SockRef::from(&upstream).set_linger(Some(Duration::ZERO));
+        let _ = SockRef::from(client.tcp()).set_linger(Some(Duration::ZERO));
+        let _ = SockRef::from(upstream.tcp()).set_linger(Some(Duration::ZERO));
         match from {
             Side::Client => metrics.resets_from_client.inc(),
             Side::Upstream => metrics.resets_from_upstream.inc(),
@@ -148,6 +153,39 @@ pub async fn forward(
     }
 }
 
+/// Both directions of a plaintext connection, polled together in this task.
+#[cfg(target_os = "linux")]
+async fn splice_both(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    metrics: &ListenerMetrics,
+    up: &Progress,
+    down: &Progress,
+    activity: Option<&AtomicU64>,
+) -> End {
+    let to_upstream = one_way(client, upstream, &metrics.bytes_upstream, up, activity);
+    let to_client = one_way(upstream, client, &metrics.bytes_downstream, down, activity);
+    tokio::pin!(to_upstream, to_client);
+    let (mut up_done, mut down_done) = (false, false);
+    loop {
+        tokio::select! {
+            result = &mut to_upstream, if !up_done => match result {
+                Ok(()) => up_done = true,
+                Err(DirectionError::Read(error)) => return End::Reset { from: Side::Client, error },
+                Err(DirectionError::Write(error)) => return End::Reset { from: Side::Upstream, error },
+            },
+            result = &mut to_client, if !down_done => match result {
+                Ok(()) => down_done = true,
+                Err(DirectionError::Read(error)) => return End::Reset { from: Side::Upstream, error },
+                Err(DirectionError::Write(error)) => return End::Reset { from: Side::Client, error },
+            },
+        }
+        if up_done && down_done {
+            return End::Closed;
+        }
+    }
+}
+
 async fn idle_watch(activity: Option<&AtomicU64>, idle_timeout: Option<Duration>) {
     let (Some(activity), Some(idle)) = (activity, idle_timeout) else {
         return std::future::pending().await;
@@ -164,6 +202,7 @@ async fn idle_watch(activity: Option<&AtomicU64>, idle_timeout: Option<Duration>
 }
 
 /// Forward `src` → `dst` until end of stream, then half-close `dst`.
+#[cfg(target_os = "linux")]
 async fn one_way(
     src: &TcpStream,
     dst: &TcpStream,
@@ -171,21 +210,18 @@ async fn one_way(
     progress: &Progress,
     activity: Option<&AtomicU64>,
 ) -> Result<(), DirectionError> {
-    #[cfg(target_os = "linux")]
-    {
-        match splice_one_way(src, dst, bytes, progress, activity).await {
-            Err(DirectionError::Read(error))
-                if error.raw_os_error() == Some(libc::EINVAL)
-                    && progress.moved.load(Relaxed) == 0 =>
-            {
-                tracing::debug!("splice refused by the kernel, using a buffered copy");
-            }
-            other => return other,
+    match splice_one_way(src, dst, bytes, progress, activity).await {
+        Err(DirectionError::Read(error))
+            if error.raw_os_error() == Some(libc::EINVAL) && progress.moved.load(Relaxed) == 0 =>
+        {
+            tracing::debug!("splice refused by the kernel, using a buffered copy");
         }
+        other => return other,
     }
     copy_one_way(src, dst, bytes, progress, activity).await
 }
 
+#[cfg(target_os = "linux")]
 fn record(bytes: &IntCounter, progress: &Progress, activity: Option<&AtomicU64>, moved: usize) {
     bytes.inc_by(moved as u64);
     progress.moved.fetch_add(moved as u64, Relaxed);
@@ -194,6 +230,7 @@ fn record(bytes: &IntCounter, progress: &Progress, activity: Option<&AtomicU64>,
     }
 }
 
+#[cfg(target_os = "linux")]
 fn half_close(dst: &TcpStream) {
     // ENOTCONN here means the peer is already gone; the other direction will see it.
     let _ = SockRef::from(dst).shutdown(Shutdown::Write);
@@ -264,8 +301,9 @@ async fn splice_one_way(
     }
 }
 
-/// The portable path: a bounded buffer, allocated on first data so idle connections
+/// Where the kernel refuses splice: a bounded buffer, allocated on first data so idle connections
 /// cost nothing.
+#[cfg(target_os = "linux")]
 async fn copy_one_way(
     src: &TcpStream,
     dst: &TcpStream,

@@ -8,7 +8,7 @@
 
 use super::connect::{self, ConnectError};
 use super::forward::{self, End};
-use crate::discovery::{monotonic_ms, EndpointState};
+use crate::discovery::{monotonic_ms, EndpointState, Health};
 use crate::metrics::RejectReason;
 use crate::state::ListenerState;
 use socket2::SockRef;
@@ -110,6 +110,49 @@ async fn handle(
 ) {
     super::tune(&client);
     let config = listener.config.load_full();
+    // Terminate TLS first (inside this task, under a timeout, so a slow or silent
+    // client never stalls the accept loop); then dial.
+    let client = match listener.tls.server.load_full() {
+        None => ClientStream::Plain(client),
+        Some(server) => {
+            let started = std::time::Instant::now();
+            let handshake = tokio::time::timeout(
+                crate::tls::HANDSHAKE_TIMEOUT,
+                server.acceptor.accept(client),
+            );
+            let result = tokio::select! {
+                result = handshake => result,
+                _ = connections.cancelled() => return,
+            };
+            match result {
+                Ok(Ok(stream)) => {
+                    listener
+                        .metrics
+                        .tls_handshake_client
+                        .observe(started.elapsed().as_secs_f64());
+                    let (_, session) = stream.get_ref();
+                    tracing::debug!(
+                        listener = %listener.name, %peer,
+                        sni = session.server_name().unwrap_or("-"),
+                        client_cert = %crate::tls::certs::subject(session.peer_certificates()),
+                        "TLS accepted"
+                    );
+                    ClientStream::Tls(Box::new(stream))
+                }
+                Ok(Err(error)) => {
+                    let reason = crate::tls::failure_reason(&error);
+                    listener.metrics.tls_handshake_failed("client", reason);
+                    tracing::debug!(listener = %listener.name, %peer, reason, %error, "TLS handshake from client failed");
+                    return;
+                }
+                Err(_) => {
+                    listener.metrics.tls_handshake_failed("client", "timeout");
+                    tracing::debug!(listener = %listener.name, %peer, "TLS handshake from client timed out");
+                    return;
+                }
+            }
+        }
+    };
     let dialled = tokio::select! {
         dialled = connect::connect(listener, &config) => dialled,
         _ = connections.cancelled() => return,
@@ -126,15 +169,30 @@ async fn handle(
             return;
         }
     };
+    // `close_on_unhealthy`: the health checker cancels this when the endpoint turns
+    // unhealthy. Taken after the dial; if the endpoint turned unhealthy during the dial
+    // the signal may be a fresh one, hence the health check right after.
+    let closed = upstream.state.close_signal();
+    if config.health.close_on_unhealthy && upstream.state.health() != Health::Healthy {
+        tracing::debug!(listener = %listener.name, %peer, upstream = %upstream.addr, "client closed: endpoint turned unhealthy during the dial");
+        return;
+    }
     let endpoint = EndpointGuard::new(upstream.state);
-    let outcome = forward::forward(
+    let forwarding = forward::forward_any(
         client,
         upstream.stream,
         &listener.metrics,
         config.idle_timeout,
         connections,
-    )
-    .await;
+    );
+    let outcome = tokio::select! {
+        outcome = forwarding => outcome,
+        _ = closed.cancelled() => {
+            // Dropping the forwarding closes both sockets, as a drain deadline does.
+            tracing::debug!(listener = %listener.name, %peer, upstream = %upstream.addr, "connection closed: endpoint turned unhealthy (close_on_unhealthy)");
+            return;
+        }
+    };
     drop(endpoint);
     match &outcome.end {
         End::Reset { from, error } => tracing::debug!(
@@ -159,6 +217,12 @@ fn errno_name(error: &std::io::Error) -> &'static str {
         Some(libc::ENOMEM) => "ENOMEM",
         _ => "other",
     }
+}
+
+/// The accepted client: plain TCP, or TLS when the listener terminates TLS.
+pub enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
 /// Counts a client connection as open for as long as it lives, panics included.

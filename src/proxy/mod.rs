@@ -2,6 +2,7 @@
 //! (`forward`, with `splice` on Linux).
 
 pub mod connect;
+mod copy;
 pub mod forward;
 pub mod listener;
 #[cfg(target_os = "linux")]

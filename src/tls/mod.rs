@@ -1,0 +1,225 @@
+//! TLS with rustls: origination toward upstreams (`client`), termination from clients
+//! (`server`), PEM loading and expiry (`certs`), and reload of both when their files
+//! change.
+//!
+//! Each listener's material sits behind `ArcSwapOption`s: a handshake `load`s the
+//! current connector or acceptor once, so a reload affects new handshakes only and
+//! open connections are untouched. A broken new file (no key, a key that does not
+//! match, an expired certificate, a half-written PEM) keeps the old material and counts
+//! `legate_reloads_total{source="tls",result="error"}`.
+
+pub mod certs;
+pub mod client;
+pub mod server;
+
+use crate::config::{ListenerConfig, TlsClientConfig, TlsVersion};
+use crate::state::{ListenerState, Shared};
+use crate::watch::FileWatch;
+use arc_swap::ArcSwapOption;
+use certs::CertError;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// How long a client gets to finish its handshake on a `tls_server` listener.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Backstop re-read of certificate files.
+const POLL: Duration = Duration::from_secs(2);
+
+/// The notAfter of one certificate in use, for `legate_tls_cert_expiry_timestamp_seconds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expiry {
+    pub role: &'static str,
+    pub not_after: i64,
+}
+
+static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+/// rustls speaks nothing below TLS 1.2, so "1.2" means every version it has.
+pub(crate) fn versions(min: TlsVersion) -> &'static [&'static rustls::SupportedProtocolVersion] {
+    match min {
+        TlsVersion::Tls12 => rustls::ALL_VERSIONS,
+        TlsVersion::Tls13 => TLS13_ONLY,
+    }
+}
+
+/// Origination: the connector plus the settings that pick the server name.
+pub struct ClientSide {
+    pub connector: tokio_rustls::TlsConnector,
+    pub config: TlsClientConfig,
+}
+
+pub struct ServerSide {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+}
+
+#[derive(Default)]
+pub struct ListenerTls {
+    pub client: ArcSwapOption<ClientSide>,
+    pub server: ArcSwapOption<ServerSide>,
+}
+
+impl ListenerTls {
+    /// Build the material `config` asks for (none when it has no TLS).
+    pub fn build(config: &ListenerConfig) -> Result<(ListenerTls, Vec<Expiry>), CertError> {
+        let tls = ListenerTls::default();
+        let expiries = tls.rebuild(config)?;
+        Ok((tls, expiries))
+    }
+
+    /// Replace the material from `config`; on error nothing changes.
+    pub fn rebuild(&self, config: &ListenerConfig) -> Result<Vec<Expiry>, CertError> {
+        let mut expiries = Vec::new();
+        let client = match &config.tls {
+            Some(tls) => {
+                let (client, found) = client::build(tls, &config.name)?;
+                expiries.extend(found);
+                Some(Arc::new(ClientSide {
+                    connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+                    config: tls.clone(),
+                }))
+            }
+            None => None,
+        };
+        let server = match &config.tls_server {
+            Some(tls) => {
+                let (server, found) = server::build(tls)?;
+                expiries.extend(found);
+                Some(Arc::new(ServerSide {
+                    acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+                }))
+            }
+            None => None,
+        };
+        self.client.store(client);
+        self.server.store(server);
+        Ok(expiries)
+    }
+}
+
+impl ListenerTls {
+    /// Take over `other`'s material (a reload built and checked it already).
+    pub fn replace_with(&self, other: ListenerTls) {
+        self.client.store(other.client.load_full());
+        self.server.store(other.server.load_full());
+    }
+}
+
+/// Every file a listener's TLS settings read.
+pub fn files(config: &ListenerConfig) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    if let Some(tls) = &config.tls {
+        files.extend(tls.ca.iter().chain(&tls.cert).chain(&tls.key).cloned());
+    }
+    if let Some(tls) = &config.tls_server {
+        files.extend([tls.cert.clone(), tls.key.clone()]);
+        files.extend(tls.client_ca.iter().cloned());
+    }
+    files
+}
+
+pub fn publish_expiries(shared: &Shared, listener: &str, expiries: &[Expiry]) {
+    for expiry in expiries {
+        shared
+            .metrics
+            .tls_cert_expiry
+            .with_label_values(&[listener, expiry.role])
+            .set(expiry.not_after as f64);
+    }
+}
+
+/// Reload `listener`'s TLS material whenever one of its files changes, until cancelled.
+pub async fn watch(listener: Arc<ListenerState>, shared: Arc<Shared>, token: CancellationToken) {
+    let config = listener.config.load_full();
+    let paths = files(&config);
+    if paths.is_empty() {
+        return;
+    }
+    let mut watches: Vec<FileWatch> = paths.iter().map(|p| FileWatch::new(p, POLL)).collect();
+    let mut last: Vec<Option<Vec<u8>>> = paths.iter().map(|p| std::fs::read(p).ok()).collect();
+    let mut last_error: Option<String> = None;
+    loop {
+        let changed = futures_any(&mut watches);
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = changed => {}
+        }
+        let now: Vec<Option<Vec<u8>>> = paths.iter().map(|p| std::fs::read(p).ok()).collect();
+        if now == last {
+            continue;
+        }
+        last = now;
+        let config = listener.config.load_full();
+        match listener.tls.rebuild(&config) {
+            Ok(expiries) => {
+                publish_expiries(&shared, &listener.name, &expiries);
+                shared.metrics.reload("tls", true);
+                last_error = None;
+                tracing::info!(listener = %listener.name, "TLS material reloaded; new handshakes use it");
+            }
+            Err(error) => {
+                let message = error.to_string();
+                // A cert and key written one after the other pass through a mismatched
+                // state; count it, but log a persisting problem once.
+                shared.metrics.reload("tls", false);
+                if last_error.as_ref() != Some(&message) {
+                    tracing::warn!(listener = %listener.name, %error, "TLS material refused; keeping the previous certificates");
+                    last_error = Some(message);
+                }
+            }
+        }
+    }
+}
+
+/// Resolves when any of the watches fires.
+async fn futures_any(watches: &mut [FileWatch]) {
+    let mut pending: Vec<_> = watches.iter_mut().map(|w| Box::pin(w.changed())).collect();
+    std::future::poll_fn(|cx| {
+        for future in pending.iter_mut() {
+            if std::future::Future::poll(future.as_mut(), cx).is_ready() {
+                return std::task::Poll::Ready(());
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// A short, stable label for why a handshake failed (never the peer's raw text).
+pub fn failure_reason(error: &io::Error) -> &'static str {
+    if error.kind() == io::ErrorKind::TimedOut {
+        return "timeout";
+    }
+    let Some(tls) = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    else {
+        return match error.kind() {
+            io::ErrorKind::UnexpectedEof => "eof",
+            io::ErrorKind::InvalidData => "bad_record",
+            _ => "io",
+        };
+    };
+    use rustls::CertificateError as C;
+    match tls {
+        rustls::Error::InvalidCertificate(cert) => match cert {
+            C::UnknownIssuer => "unknown_issuer",
+            C::Expired | C::ExpiredContext { .. } => "expired",
+            C::NotValidYet | C::NotValidYetContext { .. } => "not_yet_valid",
+            C::NotValidForName | C::NotValidForNameContext { .. } => "name_mismatch",
+            C::BadSignature => "bad_signature",
+            C::Revoked => "revoked",
+            _ => "bad_certificate",
+        },
+        rustls::Error::NoCertificatesPresented => "no_client_cert",
+        rustls::Error::AlertReceived(_) => "alert",
+        rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
+            "bad_record"
+        }
+        rustls::Error::PeerIncompatible(_) => "incompatible",
+        rustls::Error::PeerMisbehaved(_) => "misbehaved",
+        _ => "other",
+    }
+}

@@ -79,6 +79,10 @@ pub struct RunArgs {
         default_value = "info"
     )]
     pub log_level: String,
+    /// Supervise mode: once ready, run CMD, pass signals on to it, and when it exits drain
+    /// and exit with its exit code.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Args)]

@@ -62,7 +62,11 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let result = runtime.block_on(legate::lifecycle::run(config, source));
+            let result = runtime.block_on(legate::lifecycle::run_supervising(
+                config,
+                source,
+                run.command.clone(),
+            ));
             // Connection tasks still parked after the drain must not hold the exit.
             runtime.shutdown_timeout(std::time::Duration::from_secs(1));
             match result {

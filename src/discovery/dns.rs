@@ -93,7 +93,10 @@ impl DnsResolver {
                     tracing::warn!(%error, "cannot read /etc/resolv.conf; asking 127.0.0.1:53");
                     let mut options = ResolverOpts::default();
                     options.use_hosts_file = ResolveHosts::Always;
-                    (name_servers(&[SocketAddr::from((Ipv4Addr::LOCALHOST, 53))]), options)
+                    (
+                        name_servers(&[SocketAddr::from((Ipv4Addr::LOCALHOST, 53))]),
+                        options,
+                    )
                 }
             }
         } else {
@@ -141,12 +144,9 @@ impl DnsResolver {
             .answers()
             .iter()
             .filter_map(|record| match &record.data {
-                RData::SRV(srv) if !srv.target.is_root() => Some((
-                    srv.priority,
-                    srv.weight,
-                    srv.port,
-                    srv.target.clone(),
-                )),
+                RData::SRV(srv) if !srv.target.is_root() => {
+                    Some((srv.priority, srv.weight, srv.port, srv.target.clone()))
+                }
                 _ => None,
             })
             .collect();
@@ -159,8 +159,7 @@ impl DnsResolver {
 
         // Addresses the server volunteered in the additional section, by host.
         let mut targets: Vec<SrvTarget> = Vec::with_capacity(records.len());
-        let mut pending: JoinSet<(usize, Result<(Vec<IpAddr>, Duration), LookupError>)> =
-            JoinSet::new();
+        let mut pending: JoinSet<(usize, HostAddresses)> = JoinSet::new();
         for (index, (priority, weight, port, host)) in records.into_iter().enumerate() {
             let (addresses, additional_ttl) = additional_addresses(lookup.additionals(), &host);
             if addresses.is_empty() {
@@ -314,11 +313,11 @@ async fn bounded<T>(
     }
 }
 
+/// A host's addresses (sorted) and how long they are valid.
+type HostAddresses = Result<(Vec<IpAddr>, Duration), LookupError>;
+
 /// Both families of `host`; an answer without any address is "no records".
-async fn lookup_ip(
-    resolver: &TokioResolver,
-    host: &str,
-) -> Result<(Vec<IpAddr>, Duration), LookupError> {
+async fn lookup_ip(resolver: &TokioResolver, host: &str) -> HostAddresses {
     let lookup = bounded(host, resolver.lookup_ip(host)).await?;
     let mut addresses: Vec<IpAddr> = lookup.iter().collect();
     if addresses.is_empty() {
@@ -665,7 +664,10 @@ mod tests {
         let (min, max) = (Duration::from_secs(1), Duration::from_secs(300));
         assert_eq!(clamp_ttl(Duration::ZERO, min, max), min);
         assert_eq!(clamp_ttl(ms(400), min, max), min);
-        assert_eq!(clamp_ttl(Duration::from_secs(30), min, max), Duration::from_secs(30));
+        assert_eq!(
+            clamp_ttl(Duration::from_secs(30), min, max),
+            Duration::from_secs(30)
+        );
         assert_eq!(clamp_ttl(Duration::from_secs(86_400), min, max), max);
     }
 
@@ -683,7 +685,10 @@ mod tests {
     fn jitter_is_small_and_never_negative() {
         for _ in 0..1000 {
             let second = with_jitter(Duration::from_secs(1));
-            assert!(second >= Duration::from_secs(1) && second <= ms(1100), "{second:?}");
+            assert!(
+                second >= Duration::from_secs(1) && second <= ms(1100),
+                "{second:?}"
+            );
             let hour = with_jitter(Duration::from_secs(3600));
             assert!(hour <= Duration::from_secs(3600) + ms(250), "{hour:?}");
         }
@@ -695,7 +700,15 @@ mod tests {
         let steps: Vec<Duration> = (0..7).map(|_| backoff.step()).collect();
         assert_eq!(
             steps,
-            [ms(250), ms(500), ms(1000), ms(2000), ms(4000), ms(5000), ms(5000)]
+            [
+                ms(250),
+                ms(500),
+                ms(1000),
+                ms(2000),
+                ms(4000),
+                ms(5000),
+                ms(5000)
+            ]
         );
         backoff.reset();
         assert_eq!(backoff.step(), ms(250));
@@ -715,7 +728,10 @@ mod tests {
         let mut backoff = Backoff::new(Duration::from_secs(30));
         for expected in [250, 500, 1000, 2000] {
             let delay = backoff.next_delay();
-            assert!(delay <= ms(expected) && delay >= ms(expected * 3 / 4), "{delay:?}");
+            assert!(
+                delay <= ms(expected) && delay >= ms(expected * 3 / 4),
+                "{delay:?}"
+            );
         }
     }
 
@@ -796,7 +812,10 @@ mod tests {
         assert_eq!(rcode_name(ResponseCode::ServFail), "SERVFAIL");
         assert_eq!(rcode_name(ResponseCode::Refused), "REFUSED");
         assert_eq!(rcode_name(ResponseCode::NXDomain), "NXDOMAIN");
-        let error = LookupError::from_net("x.test", &NetError::Dns(DnsError::ResponseCode(ResponseCode::ServFail)));
+        let error = LookupError::from_net(
+            "x.test",
+            &NetError::Dns(DnsError::ResponseCode(ResponseCode::ServFail)),
+        );
         assert_eq!(error.to_string(), "x.test: SERVFAIL");
         assert_eq!(error.kind(), "servfail");
         let error = LookupError::from_net("x.test", &NetError::Timeout);

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 /// Milliseconds on a monotonic clock that starts near process start; 0 never occurs
 /// after the first call, so 0 can mean "not set".
@@ -74,6 +75,10 @@ pub struct EndpointState {
     last_check: Mutex<Option<CheckRecord>>,
     /// Extra fact from the last check, such as a Redis role.
     detail: Mutex<Option<String>>,
+    /// Cancelled (and replaced by a fresh token) when the endpoint turns unhealthy under
+    /// `close_on_unhealthy`; each client connection takes a clone once, after its dial.
+    /// An `ArcSwap` so taking it is lock-free.
+    close: ArcSwap<CancellationToken>,
 }
 
 #[derive(Debug, Clone)]
@@ -129,10 +134,25 @@ impl EndpointState {
         healthy_after: u32,
         unhealthy_after: u32,
     ) -> bool {
+        match result {
+            Ok(detail) => self.record_result(Ok(()), detail, healthy_after, unhealthy_after),
+            Err(error) => self.record_result(Err(error), None, healthy_after, unhealthy_after),
+        }
+    }
+
+    /// Like `record_check`, but a failure may carry a detail too (a Redis replica's
+    /// role, shown in `/endpoints`).
+    pub fn record_result(
+        &self,
+        result: Result<(), String>,
+        detail: Option<String>,
+        healthy_after: u32,
+        unhealthy_after: u32,
+    ) -> bool {
         let before = self.health();
-        let (ok, error, detail) = match result {
-            Ok(detail) => (true, None, detail),
-            Err(error) => (false, Some(error), None),
+        let (ok, error) = match result {
+            Ok(()) => (true, None),
+            Err(error) => (false, Some(error)),
         };
         *lock(&self.detail) = detail;
         *lock(&self.last_check) = Some(CheckRecord {
@@ -160,6 +180,18 @@ impl EndpointState {
         };
         self.health.store(after as u8, Ordering::Relaxed);
         before != after
+    }
+
+    /// The signal that closes the client connections open to this endpoint now; take it
+    /// once per connection, after the dial.
+    pub fn close_signal(&self) -> CancellationToken {
+        CancellationToken::clone(&self.close.load())
+    }
+
+    /// Close the client connections open to this endpoint (`close_on_unhealthy`): cancel
+    /// the current signal and put a fresh one in its place for later connections.
+    pub fn close_connections(&self) {
+        self.close.swap(Arc::new(CancellationToken::new())).cancel();
     }
 
     pub fn last_check(&self) -> Option<CheckRecord> {
@@ -454,6 +486,23 @@ mod tests {
         let state = EndpointState::default();
         assert!(state.record_check(Err("refused".into()), 1, 3));
         assert_eq!(state.health(), Health::Unhealthy);
+    }
+
+    #[test]
+    fn closing_cancels_open_connections_only() {
+        let state = EndpointState::default();
+        let open = state.close_signal();
+        state.close_connections();
+        assert!(open.is_cancelled());
+        assert!(!state.close_signal().is_cancelled());
+    }
+
+    #[test]
+    fn failure_keeps_its_detail() {
+        let state = EndpointState::default();
+        state.record_result(Err("role: slave".into()), Some("role: slave".into()), 1, 2);
+        assert_eq!(state.health(), Health::Unhealthy);
+        assert_eq!(state.detail().as_deref(), Some("role: slave"));
     }
 
     #[test]

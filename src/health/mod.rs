@@ -3,9 +3,24 @@
 //! One task per listener checks every endpoint of the current snapshot concurrently,
 //! each under the configured timeout, and feeds the result through the rise/fall
 //! thresholds into the endpoint's shared state. An endpoint that appears is checked at
-//! once (woken by the endpoint set's change notification), not at the next interval.
-//! The check itself sits behind the `Check` trait so protocol checks slot in beside `tcp`.
+//! once (woken by the endpoint set's change notification), not at the next interval;
+//! periodic probes start with a little jitter so many endpoints (and many sidecars) are
+//! not probed at the same instant. The checks run in their own tasks and never touch the
+//! forwarding path.
+//!
+//! The check itself sits behind the `Check` trait: `tcp` (connect), `redis` (`PING`),
+//! `redis-primary` (`ROLE`) and `mysql` (the server greeting). Every reply is read into
+//! a buffer bounded at 64 KiB, so a backend that answers garbage or a megabyte fails the
+//! check with a clear reason and bounded memory.
+//!
+//! A failure counts toward `unhealthy_after`, except a clear "not eligible" answer (a
+//! Redis replica under `redis-primary`): that endpoint is unhealthy at once, since every
+//! write sent to it would fail with READONLY. With `close_on_unhealthy`, an endpoint that
+//! turns unhealthy has its open client connections closed, so clients reconnect and
+//! land on an eligible endpoint (the new Redis primary).
 
+mod mysql;
+mod redis;
 mod tcp;
 
 use crate::config::{CheckKind, HealthConfig};
@@ -17,23 +32,91 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// `Ok(detail)` when the endpoint passed (detail: e.g. a Redis role), `Err(reason)` if not.
-pub type CheckResult = Result<Option<String>, String>;
+/// Why a check did not pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// What went wrong, for logs and `/endpoints` (never a secret).
+    pub reason: String,
+    /// An extra fact still worth showing, such as a Redis replica's role.
+    pub detail: Option<String>,
+    /// The endpoint answered clearly that it must get no traffic (a replica under
+    /// `redis-primary`): unhealthy at once, whatever `unhealthy_after` says.
+    pub not_eligible: bool,
+}
+
+impl Failure {
+    pub fn new(reason: impl Into<String>) -> Failure {
+        Failure {
+            reason: reason.into(),
+            detail: None,
+            not_eligible: false,
+        }
+    }
+
+    pub fn not_eligible(reason: impl Into<String>, detail: impl Into<String>) -> Failure {
+        Failure {
+            reason: reason.into(),
+            detail: Some(detail.into()),
+            not_eligible: true,
+        }
+    }
+}
+
+/// `Ok(detail)` when the endpoint passed (detail: e.g. a Redis role), `Err` if not.
+pub type CheckResult = Result<Option<String>, Failure>;
 
 pub trait Check: Send + Sync + 'static {
-    fn check(&self, addr: SocketAddr) -> Pin<Box<dyn Future<Output = CheckResult> + Send + '_>>;
+    /// Probe `addr`; the check should give up at `deadline` with a reason that says
+    /// what it was waiting for (the runner also enforces the deadline).
+    fn check(
+        &self,
+        addr: SocketAddr,
+        deadline: Instant,
+    ) -> Pin<Box<dyn Future<Output = CheckResult> + Send + '_>>;
 }
 
 fn checker_for(config: &HealthConfig) -> Option<Arc<dyn Check>> {
     match config.check {
         CheckKind::None => None,
-        // TODO(issue 4): protocol checks (redis, redis-primary, mysql) replace the connect.
-        CheckKind::Tcp | CheckKind::Redis | CheckKind::RedisPrimary | CheckKind::Mysql => {
-            Some(Arc::new(tcp::TcpCheck))
+        CheckKind::Tcp => Some(Arc::new(tcp::TcpCheck)),
+        CheckKind::Redis => Some(Arc::new(redis::RedisCheck::ping(config.password.clone()))),
+        CheckKind::RedisPrimary => Some(Arc::new(redis::RedisCheck::role(config.password.clone()))),
+        CheckKind::Mysql => Some(Arc::new(mysql::MysqlCheck)),
+    }
+}
+
+/// Connect to `addr` before `deadline`.
+async fn connect(addr: SocketAddr, deadline: Instant) -> Result<tokio::net::TcpStream, Failure> {
+    match tokio::time::timeout_at(deadline, tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(error)) => Err(Failure::new(format!("connect: {error}"))),
+        Err(_) => Err(Failure::new("connect: timed out")),
+    }
+}
+
+/// Untrusted bytes made fit for a log line: lossy UTF-8, control characters escaped,
+/// at most `max` characters.
+pub(crate) fn printable(bytes: &[u8], max: usize) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = String::new();
+    for (count, c) in text.chars().enumerate() {
+        if count == max {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
         }
     }
+    out
 }
 
 /// Check `listener`'s endpoints until `token` is cancelled.
@@ -65,32 +148,67 @@ pub async fn run(listener: Arc<ListenerState>, shared: Arc<Shared>, token: Cance
                     let state = Arc::clone(&endpoint.state);
                     let addr = endpoint.addr;
                     let timeout = health.timeout;
+                    // Newcomers are checked at once; periodic probes of many endpoints
+                    // are spread over up to a tenth of the interval.
+                    let spread = if only_new {
+                        Duration::ZERO
+                    } else {
+                        health.interval.mul_f64(fastrand::f64() * 0.1)
+                    };
                     checks.spawn(async move {
-                        let result = match tokio::time::timeout(timeout, checker.check(addr)).await
-                        {
-                            Ok(result) => result,
-                            Err(_) => Err(format!("timed out after {}", show(timeout))),
-                        };
+                        tokio::time::sleep(spread).await;
+                        let deadline = Instant::now() + timeout;
+                        let result =
+                            match tokio::time::timeout_at(deadline, checker.check(addr, deadline))
+                                .await
+                            {
+                                Ok(result) => result,
+                                Err(_) => {
+                                    Err(Failure::new(format!("timed out after {}", show(timeout))))
+                                }
+                            };
                         (addr, state, result)
                     });
                 }
                 while let Some(joined) = checks.join_next().await {
-                    let Ok((addr, state, result)) = joined else {
-                        continue;
+                    let (addr, state, result) = match joined {
+                        Ok(checked) => checked,
+                        Err(error) => {
+                            tracing::error!(listener = %listener.name, %error, "health check task failed");
+                            continue;
+                        }
                     };
                     let passed = result.is_ok();
                     listener
                         .metrics
                         .health_check(if passed { "pass" } else { "fail" });
+                    let (result, detail, unhealthy_after) = match result {
+                        Ok(detail) => (Ok(()), detail, health.unhealthy_after),
+                        Err(failure) => {
+                            tracing::debug!(listener = %listener.name, endpoint = %addr, reason = %failure.reason, "health check failed");
+                            let unhealthy_after = if failure.not_eligible {
+                                1
+                            } else {
+                                health.unhealthy_after
+                            };
+                            (Err(failure.reason), failure.detail, unhealthy_after)
+                        }
+                    };
                     let error = result.as_ref().err().cloned();
-                    if state.record_check(result, health.healthy_after, health.unhealthy_after) {
+                    if state.record_result(result, detail, health.healthy_after, unhealthy_after) {
                         any_change = true;
                         match error {
                             None => {
-                                tracing::info!(listener = %listener.name, endpoint = %addr, "endpoint is healthy")
+                                tracing::info!(listener = %listener.name, endpoint = %addr, detail = state.detail(), "endpoint is healthy")
                             }
                             Some(error) => {
-                                tracing::warn!(listener = %listener.name, endpoint = %addr, %error, "endpoint is unhealthy")
+                                tracing::warn!(listener = %listener.name, endpoint = %addr, %error, "endpoint is unhealthy");
+                                if health.close_on_unhealthy {
+                                    let open =
+                                        state.active.load(std::sync::atomic::Ordering::Relaxed);
+                                    tracing::info!(listener = %listener.name, endpoint = %addr, open, "closing client connections (close_on_unhealthy)");
+                                    state.close_connections();
+                                }
                             }
                         }
                     }

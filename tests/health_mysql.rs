@@ -1,0 +1,182 @@
+//! The `mysql` health check against real servers, through the real binary:
+//! - passes for a real MariaDB (its version shown in `/endpoints`), and queries go through;
+//! - fails for a Redis port (which never speaks first) and for a port that accepts and stays
+//!   silent, each with a reason that says no greeting came;
+//! - politeness, measured: the checks read the greeting and close; MariaDB counts each in
+//!   `Aborted_connects`/`Aborted_connects_preauth` (printed), and the server keeps serving.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Accepts connections, holds them open and never writes a byte.
+struct Silent {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Silent {
+    fn start() -> Silent {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut held: Vec<TcpStream> = Vec::new();
+            while !stopping.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => held.push(stream),
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Silent {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Silent {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn endpoint(legate: &Legate, listener: &str) -> Value {
+    let (status, body) = legate.get("/endpoints");
+    assert_eq!(status, 200, "/endpoints: {body}");
+    let json: Value = serde_json::from_str(&body).expect("/endpoints is JSON");
+    json["listeners"]
+        .as_array()
+        .and_then(|listeners| listeners.iter().find(|l| l["name"] == listener))
+        .map(|listener| listener["endpoints"][0].clone())
+        .unwrap_or_else(|| panic!("listener {listener} not in /endpoints: {body}"))
+}
+
+/// `SHOW GLOBAL STATUS` counters whose names start with `prefix`.
+fn status(db: SocketAddr, prefix: &str) -> Vec<(String, u64)> {
+    let output = mariadb_query(db, &format!("SHOW GLOBAL STATUS LIKE '{prefix}%'"));
+    assert!(
+        output.status.success(),
+        "SHOW GLOBAL STATUS: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let (name, value) = line.split_once('\t')?;
+            Some((name.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+fn counter(counters: &[(String, u64)], name: &str) -> u64 {
+    counters
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| *v)
+        .unwrap_or_else(|| panic!("{name} not in {counters:?}"))
+}
+
+#[test]
+fn mysql_check_passes_for_mariadb_and_fails_for_redis_and_a_silent_port() {
+    let db = MariaDb::start();
+    let redis = RedisServer::start();
+    let silent = Silent::start();
+    let health = r#"{ check = "mysql", interval = "200ms", timeout = "200ms" }"#;
+    let before = status(db.addr(), "Aborted_connect");
+
+    let mut legate = Legate::builder()
+        .listener(
+            Listener::new("db")
+                .upstream(db.addr())
+                .set("health", health),
+        )
+        .listener(
+            Listener::new("redis")
+                .upstream(redis.addr())
+                .set("health", health)
+                .set("required", "false"),
+        )
+        .listener(
+            Listener::new("silent")
+                .upstream(silent.addr)
+                .set("health", health)
+                .set("required", "false"),
+        )
+        .start();
+    legate.wait_ready(Duration::from_secs(10));
+
+    let db_endpoint = endpoint(&legate, "db");
+    assert_eq!(db_endpoint["health"], "healthy", "{db_endpoint}");
+    let detail = db_endpoint["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.starts_with("version: ") && detail.contains("MariaDB"),
+        "{db_endpoint}"
+    );
+
+    for name in ["redis", "silent"] {
+        eventually(
+            Duration::from_secs(5),
+            &format!("{name} marked unhealthy"),
+            || endpoint(&legate, name)["health"] == "unhealthy",
+        );
+        let shown = endpoint(&legate, name);
+        assert!(
+            shown["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("no greeting")),
+            "{name}: {shown}"
+        );
+    }
+    let metrics = legate.metrics();
+    assert_eq!(
+        metrics.value(
+            "legate_endpoints",
+            &[("listener", "db"), ("state", "healthy")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metrics.value(
+            "legate_endpoints",
+            &[("listener", "silent"), ("state", "unhealthy")]
+        ),
+        1.0
+    );
+
+    // Queries go through legate to the checked server.
+    let output = mariadb_query(legate.addr("db"), "SELECT 40 + 2");
+    assert!(
+        output.status.success(),
+        "query through legate: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "42");
+
+    // Let a few more checks run, then see what the server counted (documented in
+    // src/health/mysql.rs) and that it still serves.
+    std::thread::sleep(Duration::from_secs(1));
+    let after = status(db.addr(), "Aborted_connect");
+    println!(
+        "mysql check politeness: before {before:?}, after {after:?} (about 5 checks/s); \
+         Aborted_connects +{}",
+        counter(&after, "Aborted_connects") - counter(&before, "Aborted_connects")
+    );
+    let output = mariadb_query(legate.addr("db"), "SELECT 1");
+    assert!(output.status.success(), "query after the checks failed");
+    assert_eq!(endpoint(&legate, "db")["health"], "healthy");
+}

@@ -25,7 +25,10 @@ fn every_example_config_passes_legate_check() {
         );
         checked += 1;
     }
-    assert!(checked >= 3, "expected the example configs in config/, found {checked}");
+    assert!(
+        checked >= 3,
+        "expected the example configs in config/, found {checked}"
+    );
 }
 
 #[test]

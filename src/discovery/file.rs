@@ -183,6 +183,9 @@ async fn resolve(name: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
             }
         }
         Ok(Err(error)) => Err(error.to_string()),
-        Err(_) => Err(format!("timed out after {}", crate::health::show(RESOLVE_TIMEOUT))),
+        Err(_) => Err(format!(
+            "timed out after {}",
+            crate::health::show(RESOLVE_TIMEOUT)
+        )),
     }
 }

@@ -87,7 +87,8 @@ def main():
     redis_port, listen_port, admin_port = free_port(), free_port(), free_port()
     redis = subprocess.Popen(
         ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--maxclients", str(CONNECTIONS + 1000), "--dir", work],
+         "--appendonly", "no", "--maxclients", str(CONNECTIONS + 1000), "--tcp-backlog", "4096",
+         "--dir", work],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     legate = None
     clients = []
@@ -103,6 +104,7 @@ name = "redis"
 listen = "127.0.0.1:{listen_port}"
 upstream = ["127.0.0.1:{redis_port}"]
 max_connections = {CONNECTIONS * 2}
+connect_timeout = "5s"
 health = {{ check = "redis", interval = "5s", timeout = "1s" }}
 """)
         started = time.monotonic()
@@ -118,6 +120,11 @@ health = {{ check = "redis", interval = "5s", timeout = "1s" }}
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             s.connect(("127.0.0.1", listen_port))
             clients.append(s)
+            # In steps, so neither accept backlog overflows (a dropped SYN costs a 1s retry).
+            if len(clients) % 500 == 0:
+                until(f"{len(clients)} connections to be active",
+                      lambda: metric(admin_port, "legate_connections_active") >= len(clients),
+                      deadline)
         until(f"{CONNECTIONS} connections to be active",
               lambda: metric(admin_port, "legate_connections_active") >= CONNECTIONS, deadline)
         # Every upstream leg is open: redis counts its clients.

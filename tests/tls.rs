@@ -1,5 +1,6 @@
 //! TLS, against real servers and real clients, with certificates made by the test (rcgen):
-//! - origination to a TLS-only `redis-server`: plaintext RESP from the app works;
+//! - origination to a TLS-only `redis-server`: plaintext RESP from the app works, and the
+//!   `redis` health check runs inside TLS;
 //! - mTLS: with `tls-auth-clients yes`, legate's client certificate is required;
 //! - a wrong CA, an expired certificate and a name mismatch each fail, are counted by
 //!   reason, and nothing is ever sent in plaintext (a recording backend sees a ClientHello);
@@ -160,16 +161,25 @@ fn origination_to_a_tls_redis_carries_plaintext_resp() {
     let cert_path = write(dir.path(), "srv.pem", &cert);
     let key_path = write(dir.path(), "srv.key", &key);
     let redis = TlsRedis::start(dir.path(), &cert_path, &key_path, &ca_path, false);
-    let legate = Legate::builder()
-        .listener(tls_listener(
-            "redis",
-            redis.port,
-            &format!(
-                r#"{{ sni = "redis.test", ca = {:?} }}"#,
-                ca_path.display().to_string()
-            ),
-        ))
+    let tls = format!(
+        r#"{{ sni = "redis.test", ca = {:?} }}"#,
+        ca_path.display().to_string()
+    );
+    let mut legate = Legate::builder()
+        .listener(tls_listener("redis", redis.port, &tls))
+        // The redis check speaks RESP inside TLS, as the traffic does.
+        .listener(
+            Listener::new("checked")
+                .upstream(local(redis.port))
+                .set("tls", &tls)
+                .set(
+                    "health",
+                    r#"{ check = "redis", interval = "200ms", timeout = "1s" }"#,
+                ),
+        )
         .start();
+    legate.wait_ready(Duration::from_secs(10));
+    assert_eq!(resp(legate.addr("checked"), "PING\r\n").unwrap(), "+PONG");
     let addr = legate.addr("redis");
     assert_eq!(resp(addr, "PING\r\n").unwrap(), "+PONG");
     assert_eq!(resp(addr, "SET k v\r\n").unwrap(), "+OK");

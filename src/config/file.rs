@@ -838,11 +838,11 @@ fn show(duration: Duration) -> String {
     let millis = duration.as_millis();
     if millis == 0 && !duration.is_zero() {
         format!("{}ns", duration.as_nanos())
-    } else if millis % 1000 != 0 {
+    } else if !millis.is_multiple_of(1000) {
         format!("{millis}ms")
-    } else if millis % 3_600_000 == 0 && millis > 0 {
+    } else if millis.is_multiple_of(3_600_000) && millis > 0 {
         format!("{}h", millis / 3_600_000)
-    } else if millis % 60_000 == 0 && millis > 0 {
+    } else if millis.is_multiple_of(60_000) && millis > 0 {
         format!("{}m", millis / 60_000)
     } else {
         format!("{}s", millis / 1000)

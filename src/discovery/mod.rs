@@ -274,6 +274,9 @@ pub struct Endpoints {
     sources: Mutex<Vec<SourceStatus>>,
     /// Woken when the published set changes, so health checks run at once for newcomers.
     pub changed: Notify,
+    /// Woken when a new set is published or any endpoint's health changes: connections
+    /// waiting for a newcomer's first check listen here.
+    pub health_changed: Notify,
 }
 
 impl Endpoints {
@@ -293,6 +296,7 @@ impl Endpoints {
                     .collect(),
             ),
             changed: Notify::new(),
+            health_changed: Notify::new(),
         }
     }
 
@@ -361,6 +365,7 @@ impl Endpoints {
         self.published.store(Arc::new(next));
         drop(sources);
         self.changed.notify_waiters();
+        self.health_changed.notify_waiters();
         true
     }
 }

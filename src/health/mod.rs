@@ -73,7 +73,7 @@ pub trait Check: Send + Sync + 'static {
     /// what it was waiting for (the runner also enforces the deadline).
     fn check(
         &self,
-        addr: SocketAddr,
+        target: Probe,
         deadline: Instant,
     ) -> Pin<Box<dyn Future<Output = CheckResult> + Send + '_>>;
 }
@@ -88,15 +88,46 @@ fn checker_for(config: &HealthConfig) -> Option<Arc<dyn Check>> {
     }
 }
 
-/// Connect to `addr` before `deadline`.
-async fn connect(addr: SocketAddr, deadline: Instant) -> Result<tokio::net::TcpStream, Failure> {
-    match tokio::time::timeout_at(deadline, tokio::net::TcpStream::connect(addr)).await {
+/// Where a check goes: the endpoint, and the listener's TLS settings when the upstream
+/// speaks TLS (checks then run inside a TLS session, as the traffic does).
+#[derive(Clone)]
+pub struct Probe {
+    pub addr: SocketAddr,
+    pub tls: Option<(
+        Arc<crate::tls::ClientSide>,
+        rustls::pki_types::ServerName<'static>,
+    )>,
+}
+
+/// A connected check stream, plain or TLS.
+pub trait ProbeStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ProbeStream for T {}
+
+/// Connect (and handshake, for TLS) before `deadline`.
+async fn connect(target: &Probe, deadline: Instant) -> Result<Box<dyn ProbeStream>, Failure> {
+    let stream = match tokio::time::timeout_at(
+        deadline,
+        tokio::net::TcpStream::connect(target.addr),
+    )
+    .await
+    {
         Ok(Ok(stream)) => {
             let _ = stream.set_nodelay(true);
-            Ok(stream)
+            stream
         }
-        Ok(Err(error)) => Err(Failure::new(format!("connect: {error}"))),
-        Err(_) => Err(Failure::new("connect: timed out")),
+        Ok(Err(error)) => return Err(Failure::new(format!("connect: {error}"))),
+        Err(_) => return Err(Failure::new("connect: timed out")),
+    };
+    let Some((tls, name)) = &target.tls else {
+        return Ok(Box::new(stream));
+    };
+    match tokio::time::timeout_at(deadline, tls.connector.connect(name.clone(), stream)).await {
+        Ok(Ok(stream)) => Ok(Box::new(stream)),
+        Ok(Err(error)) => Err(Failure::new(format!(
+            "TLS handshake failed ({}): {error}",
+            crate::tls::failure_reason(&error)
+        ))),
+        Err(_) => Err(Failure::new("TLS handshake: timed out")),
     }
 }
 
@@ -139,6 +170,7 @@ pub async fn run(listener: Arc<ListenerState>, shared: Arc<Shared>, token: Cance
                 any_change = true;
             }
             Some(checker) => {
+                let tls = listener.tls.client.load_full();
                 let mut checks = JoinSet::new();
                 for endpoint in &set.endpoints {
                     if only_new && endpoint.state.health() != Health::Unknown {
@@ -147,6 +179,23 @@ pub async fn run(listener: Arc<ListenerState>, shared: Arc<Shared>, token: Cance
                     let checker = Arc::clone(&checker);
                     let state = Arc::clone(&endpoint.state);
                     let addr = endpoint.addr;
+                    let probe = Probe {
+                        addr,
+                        tls: tls.as_ref().map(|tls| {
+                            let host = endpoint.sources.first().and_then(|source| {
+                                match source.parse::<crate::config::Target>() {
+                                    Ok(crate::config::Target::Dns { host, .. }) => Some(host),
+                                    _ => None,
+                                }
+                            });
+                            let name = crate::tls::client::server_name(
+                                &tls.config,
+                                host.as_deref(),
+                                addr.ip(),
+                            );
+                            (Arc::clone(tls), name)
+                        }),
+                    };
                     let timeout = health.timeout;
                     // Newcomers are checked at once; periodic probes of many endpoints
                     // are spread over up to a tenth of the interval.
@@ -159,7 +208,7 @@ pub async fn run(listener: Arc<ListenerState>, shared: Arc<Shared>, token: Cance
                         tokio::time::sleep(spread).await;
                         let deadline = Instant::now() + timeout;
                         let result =
-                            match tokio::time::timeout_at(deadline, checker.check(addr, deadline))
+                            match tokio::time::timeout_at(deadline, checker.check(probe, deadline))
                                 .await
                             {
                                 Ok(result) => result,
@@ -216,6 +265,7 @@ pub async fn run(listener: Arc<ListenerState>, shared: Arc<Shared>, token: Cance
             }
         }
         if any_change {
+            listener.endpoints.health_changed.notify_waiters();
             shared.readiness_changed.notify_one();
         }
 

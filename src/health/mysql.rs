@@ -24,9 +24,8 @@
 //! blocking. (A failed login, by contrast, does not count toward the block, but it
 //! would be logged as "Access denied" on every check.)
 
-use super::{Check, CheckResult, Failure};
+use super::{Check, CheckResult, Failure, Probe};
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
@@ -112,8 +111,8 @@ fn error(rest: &[u8]) -> Result<Greeting, String> {
 
 pub struct MysqlCheck;
 
-async fn probe(addr: SocketAddr, deadline: Instant) -> CheckResult {
-    let mut stream = super::connect(addr, deadline).await?;
+async fn probe(target: Probe, deadline: Instant) -> CheckResult {
+    let mut stream = super::connect(&target, deadline).await?;
     let read = async {
         // A stack chunk; the buffer grows only as bytes arrive, never from a length.
         let mut buf = Vec::new();
@@ -159,10 +158,10 @@ async fn probe(addr: SocketAddr, deadline: Instant) -> CheckResult {
 impl Check for MysqlCheck {
     fn check(
         &self,
-        addr: SocketAddr,
+        target: Probe,
         deadline: Instant,
     ) -> Pin<Box<dyn Future<Output = CheckResult> + Send + '_>> {
-        Box::pin(probe(addr, deadline))
+        Box::pin(probe(target, deadline))
     }
 }
 
@@ -293,7 +292,10 @@ mod tests {
             let _ = socket.write_all(&big).await;
         });
         let deadline = Instant::now() + std::time::Duration::from_secs(5);
-        let failure = MysqlCheck.check(addr, deadline).await.unwrap_err();
+        let failure = MysqlCheck
+            .check(Probe { addr, tls: None }, deadline)
+            .await
+            .unwrap_err();
         assert!(
             failure.reason.contains("over the 64 KiB limit"),
             "{}",

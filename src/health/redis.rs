@@ -17,13 +17,11 @@
 //! the check with a clear reason. The connection is simply closed afterwards (Redis does
 //! not mind; `QUIT` is deprecated since Redis 7.2).
 
-use super::{Check, CheckResult, Failure};
+use super::{Check, CheckResult, Failure, Probe};
 use crate::config::Secret;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// The most bytes one reply may take; a longer one fails the check.
@@ -144,7 +142,10 @@ fn length(line: &[u8]) -> Result<Option<usize>, RespError> {
 }
 
 /// Read one reply, keeping what follows it in `buf` (pipelined replies).
-async fn read_reply(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Reply, String> {
+async fn read_reply(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    buf: &mut Vec<u8>,
+) -> Result<Reply, String> {
     let mut chunk = [0u8; 4096];
     loop {
         match parse(buf) {
@@ -232,9 +233,9 @@ impl RedisCheck {
         }
     }
 
-    async fn probe(&self, addr: SocketAddr, deadline: Instant) -> CheckResult {
+    async fn probe(&self, target: Probe, deadline: Instant) -> CheckResult {
         let password = self.password().await?;
-        let mut stream = super::connect(addr, deadline).await?;
+        let mut stream = super::connect(&target, deadline).await?;
         let mut request = Vec::with_capacity(64);
         if let Some(password) = &password {
             command(&mut request, &[b"AUTH", password.as_bytes()]);
@@ -363,10 +364,10 @@ fn describe(reply: &Reply) -> String {
 impl Check for RedisCheck {
     fn check(
         &self,
-        addr: SocketAddr,
+        target: Probe,
         deadline: Instant,
     ) -> Pin<Box<dyn Future<Output = CheckResult> + Send + '_>> {
-        Box::pin(self.probe(addr, deadline))
+        Box::pin(self.probe(target, deadline))
     }
 }
 
@@ -519,7 +520,7 @@ mod tests {
         );
     }
 
-    async fn serve_once(reply: Vec<u8>) -> SocketAddr {
+    async fn serve_once(reply: Vec<u8>) -> std::net::SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -540,7 +541,7 @@ mod tests {
         let addr = serve_once(reply).await;
         let deadline = Instant::now() + std::time::Duration::from_secs(5);
         let failure = RedisCheck::ping(None)
-            .check(addr, deadline)
+            .check(Probe { addr, tls: None }, deadline)
             .await
             .unwrap_err();
         assert_eq!(failure.reason, "reply larger than 64 KiB");
@@ -558,7 +559,7 @@ mod tests {
         });
         let deadline = Instant::now() + std::time::Duration::from_secs(5);
         let failure = RedisCheck::role(None)
-            .check(addr, deadline)
+            .check(Probe { addr, tls: None }, deadline)
             .await
             .unwrap_err();
         assert!(failure.reason.contains("truncated"), "{}", failure.reason);
@@ -570,7 +571,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let deadline = Instant::now() + std::time::Duration::from_millis(200);
         let failure = RedisCheck::ping(None)
-            .check(addr, deadline)
+            .check(Probe { addr, tls: None }, deadline)
             .await
             .unwrap_err();
         assert_eq!(failure.reason, "no reply to PING before the timeout");

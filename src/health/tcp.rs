@@ -1,7 +1,6 @@
 //! `tcp`: the endpoint accepts a connection.
-use super::{Check, CheckResult};
+use super::{Check, CheckResult, Probe};
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use tokio::time::Instant;
 
@@ -10,9 +9,9 @@ pub struct TcpCheck;
 impl Check for TcpCheck {
     fn check(
         &self,
-        addr: SocketAddr,
+        target: Probe,
         deadline: Instant,
     ) -> Pin<Box<dyn Future<Output = CheckResult> + Send + '_>> {
-        Box::pin(async move { super::connect(addr, deadline).await.map(|_| None) })
+        Box::pin(async move { super::connect(&target, deadline).await.map(|_| None) })
     }
 }

@@ -4,7 +4,7 @@
 //! ejected with back-off.
 
 use crate::config::{ListenerConfig, Target};
-use crate::discovery::{monotonic_ms, EndpointState};
+use crate::discovery::{monotonic_ms, EndpointSet, EndpointState, Health};
 use crate::state::ListenerState;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,6 +34,24 @@ pub enum ConnectError {
 /// At most this many endpoints are tried for one connection, whatever the config says,
 /// so the tried list lives on the stack.
 const MAX_ATTEMPTS: usize = 16;
+
+fn awaiting_first_check(set: &EndpointSet) -> bool {
+    set.endpoints
+        .iter()
+        .any(|endpoint| endpoint.state.health() == Health::Unknown)
+}
+
+/// Until some endpoint's health changes or a new set is published, at most `limit`.
+async fn wait_for_health(listener: &ListenerState, limit: std::time::Duration) {
+    let changed = listener.endpoints.health_changed.notified();
+    tokio::pin!(changed);
+    changed.as_mut().enable();
+    // Re-check after arming, so a change between the pick and now is not missed.
+    if listener.endpoints.load().healthy_count(monotonic_ms()) > 0 {
+        return;
+    }
+    let _ = tokio::time::timeout(limit, changed).await;
+}
 
 /// TCP connect, then the TLS handshake when the listener originates TLS. A handshake
 /// or verification failure counts as a failed connect (the next endpoint is tried);
@@ -76,13 +94,25 @@ pub async fn connect(
     listener: &ListenerState,
     config: &ListenerConfig,
 ) -> Result<Upstream, ConnectError> {
-    let set = listener.endpoints.load();
+    let mut set = listener.endpoints.load();
     let balancer = listener.balancer.load();
     let attempts = (config.connect_attempts as usize).clamp(1, MAX_ATTEMPTS);
     let mut tried = [usize::MAX; MAX_ATTEMPTS];
     let mut last = None;
-    for attempt in 0..attempts {
+    let mut waited = false;
+    let mut attempt = 0;
+    while attempt < attempts {
         let Some(index) = balancer.pick(&set, &tried[..attempt], monotonic_ms()) else {
+            // Endpoints that just appeared (a rewritten file, a new DNS answer) get no
+            // traffic until their first check passes, which takes a moment. Rather than
+            // fail a connection that arrives in that gap, wait for it, once, within
+            // connect_timeout.
+            if attempt == 0 && !waited && awaiting_first_check(&set) {
+                waited = true;
+                wait_for_health(listener, config.connect_timeout).await;
+                set = listener.endpoints.load();
+                continue;
+            }
             break;
         };
         tried[attempt] = index;
@@ -129,6 +159,7 @@ pub async fn connect(
             );
         }
         last = Some(error);
+        attempt += 1;
     }
     match last {
         None => Err(ConnectError::NoEndpoint),

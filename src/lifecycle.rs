@@ -416,6 +416,7 @@ impl Supervisor {
                 }
                 Target::File(path) => {
                     tokio::spawn(discovery::file::run(
+                        Arc::clone(&self.resolver),
                         listener,
                         shared,
                         key,

@@ -22,10 +22,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-const MAX_CONNECTIONS: usize = 64;
+/// Enough for every probe and scraper a Pod has, with room for stragglers; past it, 503.
+const MAX_CONNECTIONS: usize = 256;
 /// hyper's smallest allowed read buffer, and the contract's header limit.
 const MAX_HEADER_BYTES: usize = 8 * 1024;
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Short: a silent connection holds a slot, and slots keep /live answering.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 const RESERVED_FDS: usize = 4;
 
@@ -43,14 +45,14 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, token: Cancellati
             _ = token.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(error) if matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
                 // Out of descriptors: free the spares so this one connection can be
                 // accepted and answered, then take them back.
                 reserve.release();
                 match listener.accept().await {
-                    Ok((stream, _)) => stream,
+                    Ok(accepted) => accepted,
                     Err(_) => {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                         continue;
@@ -71,7 +73,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, token: Cancellati
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
                 let shared = Arc::clone(&shared);
-                async move { Ok::<_, Infallible>(route(&shared, &request)) }
+                async move { Ok::<_, Infallible>(route(&shared, &request, peer)) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -100,7 +102,7 @@ async fn refuse_busy(mut stream: TcpStream) {
     .await;
 }
 
-fn route(shared: &Shared, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(shared: &Shared, request: &Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
     let path = request.uri().path();
     let method = request.method();
     let allowed = match path {
@@ -160,6 +162,15 @@ fn route(shared: &Shared, request: &Request<Incoming>) -> Response<Full<Bytes>> 
             response
         }
         "/quitquitquit" => {
+            // In a Pod the admin port listens on the Pod IP for the kubelet's probes;
+            // only a process inside the Pod (loopback) may stop legate.
+            if !peer.ip().is_loopback() {
+                tracing::warn!(%peer, "POST /quitquitquit refused: not from loopback");
+                return text(
+                    StatusCode::FORBIDDEN,
+                    "state-changing requests are accepted from loopback only\n",
+                );
+            }
             tracing::info!("shutdown requested on the admin port");
             shared.shutdown.cancel();
             text(StatusCode::OK, "draining\n")

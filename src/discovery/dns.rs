@@ -124,6 +124,16 @@ impl DnsResolver {
         })
     }
 
+    /// One lookup of `host` (A and AAAA), for names written in endpoint files; bounded
+    /// in time like every lookup here.
+    pub async fn addresses(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+        match tokio::time::timeout(LOOKUP_DEADLINE, self.resolve_host(host, port)).await {
+            Ok(Ok(answer)) => Ok(answer.endpoints.into_iter().map(|e| e.addr).collect()),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!("{host}: timed out")),
+        }
+    }
+
     /// A/AAAA addresses of `host`, each with `port`, sorted, and how long they are valid.
     async fn resolve_host(&self, host: &str, port: u16) -> Result<Answer, LookupError> {
         let (ips, ttl) = lookup_ip(&self.resolver, host).await?;

@@ -8,6 +8,7 @@
 //! is not a start-up error: the target stays unresolved (and `/ready` says so) until
 //! the file appears.
 
+use super::dns::DnsResolver;
 use super::endpoint_file::{parse_endpoint_file, Host, MAX_ENDPOINT_FILE_BYTES};
 use super::EndpointSpec;
 use crate::state::{ListenerState, Shared};
@@ -20,10 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Backstop re-read period for when inotify events are lost.
 const POLL: Duration = Duration::from_secs(10);
-/// Names inside an endpoint file are resolved within this bound.
-const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub async fn run(
+    resolver: Arc<DnsResolver>,
     listener: Arc<ListenerState>,
     shared: Arc<Shared>,
     target: String,
@@ -33,7 +33,9 @@ pub async fn run(
     let mut watch = FileWatch::new(&path, POLL);
     let mut reader = Reader::default();
     loop {
-        reader.read(&listener, &shared, &target, &path).await;
+        reader
+            .read(&resolver, &listener, &shared, &target, &path)
+            .await;
         tokio::select! {
             _ = token.cancelled() => return,
             _ = watch.changed() => {}
@@ -50,7 +52,14 @@ struct Reader {
 }
 
 impl Reader {
-    async fn read(&mut self, listener: &ListenerState, shared: &Shared, target: &str, path: &Path) {
+    async fn read(
+        &mut self,
+        resolver: &DnsResolver,
+        listener: &ListenerState,
+        shared: &Shared,
+        target: &str,
+        path: &Path,
+    ) {
         let bytes = match read_capped(path, MAX_ENDPOINT_FILE_BYTES) {
             Ok(Some(bytes)) => bytes,
             Ok(None) => {
@@ -116,14 +125,14 @@ impl Reader {
         for line in lines {
             let addrs: Vec<SocketAddr> = match &line.host {
                 Host::Ip(ip) => vec![SocketAddr::new(*ip, line.port)],
-                Host::Name(name) => match resolve(name, line.port).await {
+                Host::Name(name) => match resolver.addresses(name, line.port).await {
                     Ok(addrs) => addrs,
                     Err(error) => {
                         return self.problem(
                             listener,
                             shared,
                             target,
-                            format!("{}: cannot resolve {name}: {error}", path.display()),
+                            format!("{}: cannot resolve {error}", path.display()),
                             None,
                         )
                     }
@@ -169,23 +178,5 @@ impl Reader {
         tracing::warn!(listener = %listener.name, error = %message, "endpoint file refused; keeping the last good set");
         self.last_problem = Some(message);
         shared.readiness_changed.notify_one();
-    }
-}
-
-async fn resolve(name: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
-    match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((name, port))).await {
-        Ok(Ok(addrs)) => {
-            let addrs: Vec<SocketAddr> = addrs.collect();
-            if addrs.is_empty() {
-                Err("no addresses".into())
-            } else {
-                Ok(addrs)
-            }
-        }
-        Ok(Err(error)) => Err(error.to_string()),
-        Err(_) => Err(format!(
-            "timed out after {}",
-            crate::health::show(RESOLVE_TIMEOUT)
-        )),
     }
 }

@@ -101,8 +101,14 @@ impl FileWatch {
             }
         };
         let watcher = notify::recommended_watcher(handler).and_then(|mut watcher| {
-            for directory in &wanted {
-                watcher.watch(directory, RecursiveMode::NonRecursive)?;
+            watcher.watch(&self.directory, RecursiveMode::NonRecursive)?;
+            // The symlink's target directory is best effort: under a burst of `..data`
+            // swaps it may already be deleted. The directory's own watch sees the swap,
+            // and the next wake-up re-arms on the new target.
+            for directory in &wanted[1..] {
+                if let Err(error) = watcher.watch(directory, RecursiveMode::NonRecursive) {
+                    tracing::debug!(directory = %directory.display(), %error, "cannot watch the symlink's target directory");
+                }
             }
             Ok(watcher)
         });

@@ -39,6 +39,7 @@ fn main() -> ExitCode {
                 eprintln!("legate: {error}");
                 return ExitCode::from(2);
             }
+            legate::metrics::install_panic_hook();
             let source = legate::lifecycle::Source {
                 path: run.config.clone(),
                 quick,

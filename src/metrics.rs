@@ -28,6 +28,23 @@ pub const PANICS_TOTAL: &str = "legate_panics_total";
 pub const TLS_HANDSHAKE_ERRORS_TOTAL: &str = "legate_tls_handshake_errors_total";
 pub const TLS_HANDSHAKE_SECONDS: &str = "legate_tls_handshake_seconds";
 
+/// Panics anywhere in the process. A panic hook has no way to reach a `Metrics`
+/// instance, and a panic is a process-wide event anyway, so this one count is global;
+/// every registry reports it (`legate_panics_total`).
+static PANICS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Count panics and log them; the previous hook (which prints the message) still runs.
+/// A panicking connection task is dropped by the runtime and its guards release its
+/// counts, so the listener keeps serving.
+pub fn install_panic_hook() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::error!(panic = %info, "a task panicked (a bug: please report it); legate keeps serving");
+        previous(info);
+    }));
+}
+
 /// Why a client connection was closed without being forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectReason {
@@ -347,6 +364,11 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
+        let panics = PANICS.load(std::sync::atomic::Ordering::Relaxed);
+        let seen = self.panics.get();
+        if panics > seen {
+            self.panics.inc_by(panics - seen);
+        }
         let mut out = Vec::with_capacity(16 * 1024);
         // Encoding into a Vec cannot fail for well-formed families.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

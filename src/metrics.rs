@@ -16,6 +16,7 @@ pub const BYTES_TOTAL: &str = "legate_bytes_total";
 pub const SPLICE_BYTES_TOTAL: &str = "legate_splice_bytes_total";
 pub const UPSTREAM_CONNECT_SECONDS: &str = "legate_upstream_connect_seconds";
 pub const UPSTREAM_CONNECT_FAILURES_TOTAL: &str = "legate_upstream_connect_failures_total";
+pub const UPSTREAM_CONNECT_ERRORS_TOTAL: &str = "legate_upstream_connect_errors_total";
 pub const RESETS_TOTAL: &str = "legate_resets_total";
 pub const IDLE_TIMEOUTS_TOTAL: &str = "legate_idle_timeouts_total";
 pub const ACCEPT_ERRORS_TOTAL: &str = "legate_accept_errors_total";
@@ -72,6 +73,7 @@ pub struct Metrics {
     splice_bytes: IntCounterVec,
     connect_seconds: HistogramVec,
     connect_failures: IntCounterVec,
+    connect_errors: IntCounterVec,
     resets: IntCounterVec,
     idle_timeouts: IntCounterVec,
     accept_errors: IntCounterVec,
@@ -105,6 +107,7 @@ pub struct ListenerMetrics {
     pub tls_handshake_client: prometheus::Histogram,
     pub tls_handshake_upstream: prometheus::Histogram,
     connect_failures: IntCounterVec,
+    connect_errors: IntCounterVec,
     health_checks: IntCounterVec,
     accept_errors: IntCounterVec,
     tls_handshake_errors: IntCounterVec,
@@ -124,6 +127,15 @@ impl ListenerMetrics {
     pub fn connect_failure(&self, endpoint: &str) {
         self.connect_failures
             .with_label_values(&[self.name.as_str(), endpoint])
+            .inc();
+    }
+
+    /// A failed dial by why it failed (`refused`, `timeout`, `unreachable`,
+    /// `addr_not_available`, `fd_exhausted`, `reset`, `tls`, `other`); rare, so the label
+    /// lookup is fine here.
+    pub fn connect_error(&self, reason: &str) {
+        self.connect_errors
+            .with_label_values(&[self.name.as_str(), reason])
             .inc();
     }
 
@@ -262,6 +274,12 @@ impl Metrics {
                 "Failed upstream connection attempts (refused, timed out, TLS failure).",
                 &["listener", "endpoint"],
             ),
+            connect_errors: counter_vec(
+                &registry,
+                UPSTREAM_CONNECT_ERRORS_TOTAL,
+                "Failed upstream connection attempts by reason (refused, timeout, unreachable, addr_not_available, fd_exhausted, reset, tls, other).",
+                &["listener", "reason"],
+            ),
             resets: counter_vec(
                 &registry,
                 RESETS_TOTAL,
@@ -348,6 +366,7 @@ impl Metrics {
                 .tls_handshake_seconds
                 .with_label_values(&[name, "upstream"]),
             connect_failures: self.connect_failures.clone(),
+            connect_errors: self.connect_errors.clone(),
             health_checks: self.health_checks.clone(),
             accept_errors: self.accept_errors.clone(),
             tls_handshake_errors: self.tls_handshake_errors.clone(),

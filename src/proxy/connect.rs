@@ -60,10 +60,10 @@ async fn dial(
     listener: &ListenerState,
     addr: SocketAddr,
     target: Option<&str>,
-) -> Result<UpstreamStream, String> {
+) -> Result<UpstreamStream, (&'static str, String)> {
     let stream = TcpStream::connect(addr)
         .await
-        .map_err(|error| error.to_string())?;
+        .map_err(|error| (error_reason(&error), error.to_string()))?;
     super::tune(&stream);
     let Some(tls) = listener.tls.client.load_full() else {
         return Ok(UpstreamStream::Plain(stream));
@@ -85,8 +85,24 @@ async fn dial(
         Err(error) => {
             let reason = crate::tls::failure_reason(&error);
             listener.metrics.tls_handshake_failed("upstream", reason);
-            Err(format!("TLS handshake failed ({reason}): {error}"))
+            Err(("tls", format!("TLS handshake failed ({reason}): {error}")))
         }
+    }
+}
+
+/// Why a TCP connect failed, as the `reason` label of
+/// `legate_upstream_connect_errors_total`: a refusal (nothing listening), an
+/// unreachable network, local port exhaustion (EADDRNOTAVAIL, clears as TIME_WAIT ages
+/// out) and descriptor exhaustion are told apart, since each asks for a different fix.
+fn error_reason(error: &std::io::Error) -> &'static str {
+    match error.raw_os_error() {
+        Some(libc::ECONNREFUSED) => "refused",
+        Some(libc::ETIMEDOUT) => "timeout",
+        Some(libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EINVAL) => "unreachable",
+        Some(libc::EADDRNOTAVAIL) => "addr_not_available",
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => "fd_exhausted",
+        Some(libc::ECONNRESET) => "reset",
+        _ => "other",
     }
 }
 
@@ -131,7 +147,7 @@ pub async fn connect(
             .metrics
             .connect_seconds
             .observe(started.elapsed().as_secs_f64());
-        let error = match result {
+        let (reason, error) = match result {
             Ok(Ok(stream)) => {
                 endpoint.state.connect_succeeded();
                 return Ok(Upstream {
@@ -140,19 +156,24 @@ pub async fn connect(
                     state: Arc::clone(&endpoint.state),
                 });
             }
-            Ok(Err(error)) => error,
-            Err(_) => format!(
-                "timed out after {}",
-                crate::health::show(config.connect_timeout)
+            Ok(Err(failed)) => failed,
+            Err(_) => (
+                "timeout",
+                format!(
+                    "timed out after {}",
+                    crate::health::show(config.connect_timeout)
+                ),
             ),
         };
         let ejected = endpoint.state.connect_failed(monotonic_ms());
         listener.metrics.connect_failure(&endpoint.addr.to_string());
+        listener.metrics.connect_error(reason);
         if let Some(suppressed) = listener.warn_limit.allow(monotonic_ms(), 1000) {
             tracing::warn!(
                 listener = %listener.name,
                 endpoint = %endpoint.addr,
                 %error,
+                reason,
                 ejected_for = %crate::health::show(ejected),
                 suppressed,
                 "upstream connect failed"

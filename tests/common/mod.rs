@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub mod fault;
+
 /// The `legate` binary cargo built for these tests.
 pub const LEGATE: &str = env!("CARGO_BIN_EXE_legate");
 
@@ -524,9 +526,17 @@ pub struct LegateBuilder {
     runtime: Vec<(String, String)>,
     listeners: Vec<Listener>,
     raw: String,
+    nofile: Option<u64>,
 }
 
 impl LegateBuilder {
+    /// Starts legate with `RLIMIT_NOFILE` set to `limit` (soft and hard), like
+    /// `prlimit --nofile=N:N`.
+    pub fn nofile(mut self, limit: u64) -> Self {
+        self.nofile = Some(limit);
+        self
+    }
+
     pub fn listener(mut self, listener: Listener) -> Self {
         self.listeners.push(listener);
         self
@@ -596,7 +606,8 @@ impl LegateBuilder {
         let config_path = self.dir.path().join("legate.toml");
         std::fs::write(&config_path, &toml).expect("write config");
         let config_arg = config_path.display().to_string();
-        let mut legate = Legate::spawn(self.dir, &["run", "-c", &config_arg], admin);
+        let mut legate =
+            Legate::spawn_limited(self.dir, &["run", "-c", &config_arg], admin, self.nofile);
         legate.listeners = listeners;
         legate.config_path = Some(config_path);
         legate.ready_path = ready_path;
@@ -626,14 +637,41 @@ impl Legate {
             runtime: Vec::new(),
             listeners: Vec::new(),
             raw: String::new(),
+            nofile: None,
         }
     }
 
     /// Spawns `legate ARGS` with its output going to `DIR/legate.log`. Does not wait for anything.
     pub fn spawn(dir: TempDir, args: &[&str], admin: SocketAddr) -> Legate {
+        Legate::spawn_limited(dir, args, admin, None)
+    }
+
+    /// [`Legate::spawn`], with `RLIMIT_NOFILE` set to `nofile` when given.
+    pub fn spawn_limited(
+        dir: TempDir,
+        args: &[&str],
+        admin: SocketAddr,
+        nofile: Option<u64>,
+    ) -> Legate {
         let log_path = dir.path().join("legate.log");
         let log = File::create(&log_path).expect("create log file");
-        let child = legate_command()
+        let mut cmd = legate_command();
+        if let Some(limit) = nofile {
+            // SAFETY: setrlimit(2) is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let rlim = libc::rlimit {
+                        rlim_cur: limit as libc::rlim_t,
+                        rlim_max: limit as libc::rlim_t,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -1109,7 +1147,12 @@ pub struct TcpBackend {
 
 impl TcpBackend {
     pub fn start(handler: impl Fn(TcpStream) + Send + Sync + 'static) -> TcpBackend {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind backend");
+        TcpBackend::start_on("127.0.0.1:0", handler)
+    }
+
+    /// Like [`TcpBackend::start`], listening on `bind` (e.g. `127.0.0.2:0`).
+    pub fn start_on(bind: &str, handler: impl Fn(TcpStream) + Send + Sync + 'static) -> TcpBackend {
+        let listener = TcpListener::bind(bind).expect("bind backend");
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));

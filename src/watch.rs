@@ -128,13 +128,20 @@ impl FileWatch {
 
     /// Wait until the file may have changed (an event, or the poll period passed).
     pub async fn changed(&mut self) {
+        // Without a watch (the directory does not exist yet: a volume not mounted yet)
+        // only polling can notice the file, so poll at least every second meanwhile.
+        let poll = if self.watcher.is_some() {
+            self.poll
+        } else {
+            self.poll.min(Duration::from_secs(1))
+        };
         tokio::select! {
             _ = self.wake_rx.recv() => {
                 // Let the writer finish its burst, then swallow what it caused.
                 tokio::time::sleep(DEBOUNCE).await;
                 while self.wake_rx.try_recv().is_ok() {}
             }
-            _ = tokio::time::sleep(self.poll) => {
+            _ = tokio::time::sleep(poll) => {
                 // The directory may have been replaced (`mv dir dir.old && mkdir dir`):
                 // a watch on the old inode would never fire again, so re-arm.
                 if !self.directory.exists() || self.directory_replaced() {

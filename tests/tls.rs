@@ -9,7 +9,9 @@
 //! - the served certificate is replaced on disk (in place, then ConfigMap-style) and new
 //!   handshakes get the new one without a restart; a broken replacement keeps the old;
 //! - garbage and plaintext on a TLS listener are closed and counted, and a TLS client
-//!   works meanwhile.
+//!   works meanwhile;
+//! - broken material at start (a key that does not match, an expired certificate, no key,
+//!   a missing file) stops legate with an error naming the file.
 
 mod common;
 
@@ -591,4 +593,64 @@ fn garbage_and_plaintext_on_a_tls_listener_are_closed_and_counted() {
         .sum();
     assert!(errors >= 2.0, "expected two handshake errors, got {errors}");
     legate.assert_running();
+}
+
+/// `legate run` with broken TLS material: exit 1 at once, naming the file and the fault.
+fn start_fails_with(tls_server: &str) -> String {
+    let mut cmd = legate_command();
+    cmd.args(["run", "--admin", &local(free_port()).to_string(), "-c"]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("legate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[admin]\nlisten = \"{}\"\n[[listeners]]\nname = \"app\"\nlisten = \"{}\"\nupstream = [\"127.0.0.1:1\"]\ntls_server = {tls_server}\n",
+            local(free_port()),
+            local(free_port())
+        ),
+    )
+    .unwrap();
+    cmd.arg(&config);
+    let output = run_with_timeout(cmd, Duration::from_secs(10));
+    assert_eq!(output.status.code(), Some(1), "legate must refuse to start");
+    String::from_utf8_lossy(&output.stderr).to_string()
+}
+
+#[test]
+fn broken_tls_material_at_start_is_an_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test ca");
+    let (cert, key) = ca.leaf("redis.test", &["redis.test"], (-1, 1));
+    let (_, other_key) = ca.leaf("other", &["other.test"], (-1, 1));
+    let (expired, expired_key) = ca.leaf("old", &["redis.test"], (-3, -1));
+    let cert_path = write(dir.path(), "srv.pem", &cert);
+    let key_path = write(dir.path(), "srv.key", &key);
+    let other_key_path = write(dir.path(), "other.key", &other_key);
+    let expired_path = write(dir.path(), "expired.pem", &expired);
+    let expired_key_path = write(dir.path(), "expired.key", &expired_key);
+    let not_a_key = write(dir.path(), "not-a-key.pem", &cert);
+    let show = |p: &Path| p.display().to_string();
+    let table =
+        |cert: &Path, key: &Path| format!("{{ cert = {:?}, key = {:?} }}", show(cert), show(key));
+
+    let error = start_fails_with(&table(&cert_path, &other_key_path));
+    assert!(
+        error.contains("does not match") && error.contains("other.key"),
+        "{error}"
+    );
+    let error = start_fails_with(&table(&expired_path, &expired_key_path));
+    assert!(
+        error.contains("expired") && error.contains("expired.pem"),
+        "{error}"
+    );
+    let error = start_fails_with(&table(&cert_path, &not_a_key));
+    assert!(
+        error.contains("no private key") && error.contains("not-a-key.pem"),
+        "{error}"
+    );
+    let error = start_fails_with(&table(&dir.path().join("missing.pem"), &key_path));
+    assert!(
+        error.contains("missing.pem") && error.contains("cannot read"),
+        "{error}"
+    );
 }

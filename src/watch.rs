@@ -17,6 +17,8 @@ use tokio::sync::mpsc;
 
 /// Bursts of events closer than this are read once.
 pub const DEBOUNCE: Duration = Duration::from_millis(50);
+/// A file that keeps changing is still read at least this often.
+pub const MAX_DEBOUNCE: Duration = Duration::from_millis(500);
 
 pub struct FileWatch {
     path: PathBuf,
@@ -137,9 +139,20 @@ impl FileWatch {
         };
         tokio::select! {
             _ = self.wake_rx.recv() => {
-                // Let the writer finish its burst, then swallow what it caused.
-                tokio::time::sleep(DEBOUNCE).await;
-                while self.wake_rx.try_recv().is_ok() {}
+                // Let the writer finish: wait for DEBOUNCE without events (a slow
+                // in-place writer must not be read half-way), but no longer than
+                // MAX_DEBOUNCE, so a file rewritten nonstop is still followed.
+                let started = tokio::time::Instant::now();
+                loop {
+                    tokio::time::sleep(DEBOUNCE).await;
+                    let mut quiet = true;
+                    while self.wake_rx.try_recv().is_ok() {
+                        quiet = false;
+                    }
+                    if quiet || started.elapsed() >= MAX_DEBOUNCE {
+                        break;
+                    }
+                }
             }
             _ = tokio::time::sleep(poll) => {
                 // The directory may have been replaced (`mv dir dir.old && mkdir dir`):

@@ -41,16 +41,24 @@ fn awaiting_first_check(set: &EndpointSet) -> bool {
         .any(|endpoint| endpoint.state.health() == Health::Unknown)
 }
 
-/// Until some endpoint's health changes or a new set is published, at most `limit`.
+/// Until an endpoint is eligible, or none is waiting for its first check any more, at
+/// most `limit`. A wake-up can be for a set this connection already saw (publication and
+/// notification are not one atomic step), so look again after every one.
 async fn wait_for_health(listener: &ListenerState, limit: std::time::Duration) {
-    let changed = listener.endpoints.health_changed.notified();
-    tokio::pin!(changed);
-    changed.as_mut().enable();
-    // Re-check after arming, so a change between the pick and now is not missed.
-    if listener.endpoints.load().healthy_count(monotonic_ms()) > 0 {
-        return;
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let changed = listener.endpoints.health_changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        // Checked after arming, so a change between the check and the wait is not missed.
+        let set = listener.endpoints.load();
+        if set.healthy_count(monotonic_ms()) > 0 || !awaiting_first_check(&set) {
+            return;
+        }
+        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            return;
+        }
     }
-    let _ = tokio::time::timeout(limit, changed).await;
 }
 
 /// TCP connect, then the TLS handshake when the listener originates TLS. A handshake

@@ -22,6 +22,8 @@
 //! - `wait`: `legate wait`.
 //! - `logging`: log setup and rate limits.
 //! - `watch`: watching a file through every way it gets replaced.
+//!
+//! `fuzzing` (hidden) is the fuzz targets' door to the private parsers.
 #![deny(unsafe_code)]
 
 pub mod admin;
@@ -29,6 +31,8 @@ pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod discovery;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod lifecycle;
 pub mod logging;

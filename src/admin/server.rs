@@ -71,15 +71,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, token: Cancellati
         };
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let shared = Arc::clone(&shared);
-                async move { Ok::<_, Infallible>(route(&shared, &request, peer)) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_buf_size(MAX_HEADER_BYTES)
-                .serve_connection(TokioIo::new(stream), service);
+            let connection = serve_connection(stream, shared, peer);
             // Garbage, oversized or timed-out requests end here; hyper has already
             // answered 400/431 where it could. Nothing to do but debug-log.
             match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
@@ -90,6 +82,29 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, token: Cancellati
             drop(permit);
         });
     }
+}
+
+/// One admin connection: HTTP/1 within the header limits above, each request answered by
+/// [`route`]. Generic over the stream so the `admin_request` fuzz target (`fuzz/`) can
+/// drive the real thing over an in-memory pipe.
+pub(crate) async fn serve_connection<S>(
+    stream: S,
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+) -> hyper::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |request| {
+        let shared = Arc::clone(&shared);
+        async move { Ok::<_, Infallible>(route(&shared, &request, peer)) }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .serve_connection(TokioIo::new(stream), service)
+        .await
 }
 
 async fn refuse_busy(mut stream: TcpStream) {

@@ -137,35 +137,22 @@ impl DnsResolver {
     /// A/AAAA addresses of `host`, each with `port`, sorted, and how long they are valid.
     async fn resolve_host(&self, host: &str, port: u16) -> Result<Answer, LookupError> {
         let (ips, ttl) = lookup_ip(&self.resolver, host).await?;
-        let mut endpoints: Vec<EndpointSpec> = ips
-            .into_iter()
-            .map(|ip| EndpointSpec::plain(SocketAddr::new(ip, port)))
-            .collect();
-        endpoints.sort_by_key(|spec| spec.addr);
-        endpoints.dedup_by_key(|spec| spec.addr);
-        Ok(Answer { endpoints, ttl })
+        Ok(Answer {
+            endpoints: address_endpoints(ips, port),
+            ttl,
+        })
     }
 
     /// The endpoints an SRV name points at, with weights and backup tiers.
     async fn resolve_srv(&self, name: &str) -> Result<Answer, LookupError> {
         let lookup = bounded(name, self.resolver.srv_lookup(name)).await?;
         let mut ttl = remaining(lookup.valid_until());
-        let mut records: Vec<(u16, u16, u16, Name)> = lookup
-            .answers()
-            .iter()
-            .filter_map(|record| match &record.data {
-                RData::SRV(srv) if !srv.target.is_root() => {
-                    Some((srv.priority, srv.weight, srv.port, srv.target.clone()))
-                }
-                _ => None,
-            })
-            .collect();
+        let records = srv_records(lookup.answers());
         if records.is_empty() {
             return Err(LookupError::NoRecords {
                 name: name.to_string(),
             });
         }
-        records.sort();
 
         // Addresses the server volunteered in the additional section, by host.
         let mut targets: Vec<SrvTarget> = Vec::with_capacity(records.len());
@@ -338,6 +325,66 @@ async fn lookup_ip(resolver: &TokioResolver, host: &str) -> HostAddresses {
     addresses.sort();
     addresses.dedup();
     Ok((addresses, remaining(lookup.valid_until())))
+}
+
+/// A host's addresses, each with `port`: sorted, each address once.
+fn address_endpoints(ips: impl IntoIterator<Item = IpAddr>, port: u16) -> Vec<EndpointSpec> {
+    let mut endpoints: Vec<EndpointSpec> = ips
+        .into_iter()
+        .map(|ip| EndpointSpec::plain(SocketAddr::new(ip, port)))
+        .collect();
+    endpoints.sort_by_key(|spec| spec.addr);
+    endpoints.dedup_by_key(|spec| spec.addr);
+    endpoints
+}
+
+/// An SRV answer's records as (priority, weight, port, target), sorted; a target of `.`
+/// ("service not available here") and other record types are left out.
+fn srv_records(answers: &[Record]) -> Vec<(u16, u16, u16, Name)> {
+    let mut records: Vec<(u16, u16, u16, Name)> = answers
+        .iter()
+        .filter_map(|record| match &record.data {
+            RData::SRV(srv) if !srv.target.is_root() => {
+                Some((srv.priority, srv.weight, srv.port, srv.target.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    records.sort();
+    records
+}
+
+/// The endpoints one DNS response gives by itself, with no further lookups: the A/AAAA
+/// answers with `port`, or, for an SRV answer, each target with the addresses the
+/// additional section carries for it. The same functions as a live lookup, so the
+/// `dns_answer` fuzz target (`fuzz/`) drives them with server-chosen bytes.
+#[doc(hidden)]
+pub fn endpoints_from_response(
+    answers: &[Record],
+    additionals: &[Record],
+    port: u16,
+) -> Vec<EndpointSpec> {
+    let records = srv_records(answers);
+    let mut endpoints = if records.is_empty() {
+        address_endpoints(
+            answers.iter().filter_map(|record| record.data.ip_addr()),
+            port,
+        )
+    } else {
+        let targets: Vec<SrvTarget> = records
+            .into_iter()
+            .map(|(priority, weight, port, host)| SrvTarget {
+                priority,
+                weight,
+                port,
+                addresses: additional_addresses(additionals, &host).0,
+                host: host.to_string(),
+            })
+            .collect();
+        srv_endpoints(&targets)
+    };
+    endpoints.truncate(MAX_ENDPOINTS);
+    endpoints
 }
 
 /// A/AAAA records for `host` in an additional section, and their smallest TTL.

@@ -19,8 +19,8 @@
 //! turns unhealthy has its open client connections closed, so clients reconnect and
 //! land on an eligible endpoint (the new Redis primary).
 
-mod mysql;
-mod redis;
+pub(crate) mod mysql;
+pub(crate) mod redis;
 mod tcp;
 
 use crate::config::{CheckKind, HealthConfig};

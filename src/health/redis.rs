@@ -290,7 +290,7 @@ impl RedisCheck {
     }
 }
 
-fn judge_ping(reply: Reply) -> CheckResult {
+pub(crate) fn judge_ping(reply: Reply) -> CheckResult {
     match reply {
         Reply::Simple(pong) if pong == "PONG" => Ok(None),
         Reply::Error(error) => Err(Failure::new(error)),
@@ -301,7 +301,7 @@ fn judge_ping(reply: Reply) -> CheckResult {
     }
 }
 
-fn judge_role(reply: Reply) -> CheckResult {
+pub(crate) fn judge_role(reply: Reply) -> CheckResult {
     let items = match reply {
         Reply::Error(error) => return Err(Failure::new(error)),
         Reply::Array(Some(items)) if !items.is_empty() => items,

@@ -1,5 +1,7 @@
 //! The `legate` binary: parse the command line, start logging, call the library, and
 //! map the outcome to an exit code.
+#![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used, clippy::expect_used)]
 
 use legate::cli::{self, Command};
 use std::process::ExitCode;

@@ -159,6 +159,11 @@ impl ListenerMetrics {
     }
 }
 
+#[allow(
+    clippy::expect_used,
+    reason = "constant metric definitions into a fresh per-instance registry: the only failures \
+              are a bad name or a name registered twice, which every test that builds a Metrics catches"
+)]
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let vec = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
     registry
@@ -167,6 +172,11 @@ fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> 
     vec
 }
 
+#[allow(
+    clippy::expect_used,
+    reason = "constant metric definitions into a fresh per-instance registry: the only failures \
+              are a bad name or a name registered twice, which every test that builds a Metrics catches"
+)]
 fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let vec = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
     registry
@@ -176,6 +186,11 @@ fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> In
 }
 
 impl Metrics {
+    #[allow(
+        clippy::expect_used,
+        reason = "constant metric definitions into a fresh per-instance registry: the only failures \
+                  are a bad name or a name registered twice, which every test that builds a Metrics catches"
+    )]
     pub fn new() -> Metrics {
         let registry = Registry::new();
         #[cfg(target_os = "linux")]

@@ -101,10 +101,11 @@ impl App {
     }
 
     fn start(&mut self) -> AppEvent {
-        let (program, args) = self
-            .command
-            .split_first()
-            .expect("App::new takes a non-empty command");
+        // The CLI never passes an empty command; if it did, that is a command that cannot start.
+        let Some((program, args)) = self.command.split_first() else {
+            self.phase = Phase::Done;
+            return AppEvent::CannotStart("no command to run after --".into());
+        };
         match Command::new(program).args(args).spawn() {
             Ok(child) => {
                 let pid = child.id().unwrap_or(0);

@@ -1,9 +1,14 @@
 //! The data plane: accept (`listener`), dial with failover (`connect`), move bytes
 //! (`forward`, with `splice` on Linux).
 
+// `forbid` on each module but splice, the crate's one user of `unsafe` (see lib.rs).
+#[forbid(unsafe_code)]
 pub mod connect;
+#[forbid(unsafe_code)]
 mod copy;
+#[forbid(unsafe_code)]
 pub mod forward;
+#[forbid(unsafe_code)]
 pub mod listener;
 #[cfg(target_os = "linux")]
 mod splice;

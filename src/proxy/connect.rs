@@ -82,7 +82,8 @@ async fn dial(
     });
     let name = crate::tls::client::server_name(&tls.config, host.as_deref(), addr.ip());
     let started = Instant::now();
-    match tls.connector.connect(name, stream).await {
+    // Boxed: a handshake's state must not size every plaintext connection's task.
+    match Box::pin(tls.connector.connect(name, stream)).await {
         Ok(stream) => {
             listener
                 .metrics

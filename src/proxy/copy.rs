@@ -36,6 +36,16 @@ impl Transport for TcpStream {
     }
 }
 
+/// TLS streams stay in the box the listener or the dial put them in.
+impl<T: Transport + ?Sized> Transport for Box<T> {
+    fn tcp(&self) -> &TcpStream {
+        (**self).tcp()
+    }
+    fn plain(&self) -> Option<&TcpStream> {
+        (**self).plain()
+    }
+}
+
 impl Transport for tokio_rustls::client::TlsStream<TcpStream> {
     fn tcp(&self) -> &TcpStream {
         self.get_ref().0

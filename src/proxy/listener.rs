@@ -116,10 +116,11 @@ async fn handle(
         None => ClientStream::Plain(client),
         Some(server) => {
             let started = std::time::Instant::now();
-            let handshake = tokio::time::timeout(
+            // Boxed: a handshake's state must not size every plaintext connection's task.
+            let handshake = Box::pin(tokio::time::timeout(
                 crate::tls::HANDSHAKE_TIMEOUT,
                 server.acceptor.accept(client),
-            );
+            ));
             let result = tokio::select! {
                 result = handshake => result,
                 _ = connections.cancelled() => return,

@@ -171,7 +171,8 @@ pub async fn run_supervising(
         error,
     })?;
     if !config.admin.listen.ip().is_loopback() {
-        tracing::warn!(admin = %config.admin.listen, "the admin port is not on loopback: anyone who reaches it can stop legate");
+        // /quitquitquit answers loopback peers only, but the read-only endpoints do not.
+        tracing::warn!(admin = %config.admin.listen, "the admin port is not on loopback: anyone who reaches it can read /endpoints and /metrics (backend addresses, health reasons)");
     }
     let mut materials = Vec::with_capacity(config.listeners.len());
     for listener_config in &config.listeners {

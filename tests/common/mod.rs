@@ -530,8 +530,8 @@ pub struct LegateBuilder {
 }
 
 impl LegateBuilder {
-    /// Starts legate with `RLIMIT_NOFILE` set to `limit` (soft and hard), like
-    /// `prlimit --nofile=N:N`.
+    /// Starts legate with `RLIMIT_NOFILE` set to `limit` (soft and hard, clamped to the
+    /// current hard limit), like `prlimit --nofile=N:N`.
     pub fn nofile(mut self, limit: u64) -> Self {
         self.nofile = Some(limit);
         self
@@ -660,9 +660,16 @@ impl Legate {
             // SAFETY: setrlimit(2) is async-signal-safe; nothing else runs between fork and exec.
             unsafe {
                 cmd.pre_exec(move || {
+                    // Raising past the hard limit needs CAP_SYS_RESOURCE: clamp to it.
+                    let mut current = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    libc::getrlimit(libc::RLIMIT_NOFILE, &mut current);
+                    let limit = (limit as libc::rlim_t).min(current.rlim_max);
                     let rlim = libc::rlimit {
-                        rlim_cur: limit as libc::rlim_t,
-                        rlim_max: limit as libc::rlim_t,
+                        rlim_cur: limit,
+                        rlim_max: limit,
                     };
                     if libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) != 0 {
                         return Err(io::Error::last_os_error());
@@ -1237,10 +1244,14 @@ fn echo_stream(mut stream: TcpStream, hello: Option<&str>) {
 impl Drop for TcpBackend {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop up so it sees the flag.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        // Wake the accept loop up so it sees the flag. If that connection cannot be made (a
+        // fault test exhausted the ports), the thread is left behind rather than joined
+        // forever.
+        let woken = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1)).is_ok();
         if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            if woken {
+                let _ = thread.join();
+            }
         }
     }
 }

@@ -250,3 +250,155 @@ fn row27_file_deleted_unreadable_and_directory_replaced() {
         },
     );
 }
+
+/// dnsmasq answering from a hosts file only: names under `.local.test` that are not in the
+/// file get NXDOMAIN (`--local`), any other missing name REFUSED (no upstream servers).
+struct Dns {
+    port: u16,
+    hosts: PathBuf,
+    _dir: tempfile::TempDir,
+    proc: Proc,
+}
+
+impl Dns {
+    fn start(hosts: &str) -> Dns {
+        let dnsmasq = ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("dnsmasq is not installed; apt-get install -y dnsmasq");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hosts");
+        std::fs::write(&path, hosts).unwrap();
+        // Free for TCP (checked below through /proc/net/tcp) and for UDP.
+        let port = loop {
+            let port = free_port();
+            if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+                break port;
+            }
+        };
+        let child = std::process::Command::new(dnsmasq)
+            .args(["-k", "-p", &port.to_string(), "--listen-address=127.0.0.1"])
+            .args([
+                "--bind-interfaces",
+                "--no-resolv",
+                "--no-hosts",
+                "--local-ttl=1",
+            ])
+            .args(["--local=/local.test/", "--user=root", "--pid-file="])
+            .arg(format!("--addn-hosts={}", path.display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn dnsmasq");
+        let proc = Proc {
+            name: "dnsmasq".into(),
+            child,
+        };
+        wait_listening(port, Duration::from_secs(10), "dnsmasq");
+        Dns {
+            port,
+            hosts: path,
+            _dir: dir,
+            proc,
+        }
+    }
+
+    fn set_hosts(&self, hosts: &str) {
+        let tmp = self.hosts.with_extension("tmp");
+        std::fs::write(&tmp, hosts).unwrap();
+        std::fs::rename(&tmp, &self.hosts).unwrap();
+        self.proc.signal(libc::SIGHUP);
+    }
+}
+
+/// Rows 28 and 29: a name that resolved turns NXDOMAIN (row 28), another turns REFUSED
+/// (row 29, a transient server failure): the last good answer stays — traffic keeps flowing
+/// to it, `/ready` stays 200 — and every failed lookup counts
+/// `legate_reloads_total{source="dns",result="error"}`. When the name comes back, the new
+/// answer applies.
+#[test]
+fn row28_29_nxdomain_and_refused_keep_the_last_good_answer() {
+    let port = {
+        // A port free on 127.0.0.2 and 127.0.0.3 alike.
+        let s = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+        s.local_addr().unwrap().port()
+    };
+    let hello = |ip: &str, id: &'static str| {
+        TcpBackend::start_on(&format!("{ip}:{port}"), move |mut s| {
+            use std::io::Write;
+            let _ = s.write_all(format!("{id}\n").as_bytes());
+            let mut buf = [0u8; 64];
+            let _ = std::io::Read::read(&mut s, &mut buf);
+        })
+    };
+    let _a = hello("127.0.0.2", "a");
+    let _b = hello("127.0.0.3", "b");
+    let dns = Dns::start("127.0.0.2 redis.local.test\n127.0.0.2 redis.other.test\n");
+    let mut legate = Legate::builder()
+        .raw(&format!(
+            "[dns]\nservers = [\"127.0.0.1:{}\"]\nmin_ttl = \"1s\"\nmax_ttl = \"2s\"\n",
+            dns.port
+        ))
+        .listener(
+            Listener::new("nx")
+                .upstream(format!("dns:redis.local.test:{port}"))
+                .set("health", r#"{ check = "none" }"#),
+        )
+        .listener(
+            Listener::new("refused")
+                .upstream(format!("dns:redis.other.test:{port}"))
+                .set("health", r#"{ check = "none" }"#),
+        )
+        .start();
+    legate.wait_ready(Duration::from_secs(15));
+    for name in ["nx", "refused"] {
+        assert_eq!(which(legate.addr(name)).unwrap(), "a");
+    }
+    let probe = Probe::start(&legate);
+    // Both names gone: NXDOMAIN for the local domain, REFUSED for the other.
+    dns.set_hosts("127.0.0.9 unrelated.local.test\n");
+    let errors = |l: &Legate| {
+        l.metrics().value(
+            "legate_reloads_total",
+            &[("source", "dns"), ("result", "error")],
+        )
+    };
+    let before = errors(&legate);
+    eventually(Duration::from_secs(10), "failed lookups counted", || {
+        errors(&legate) >= before + 2.0
+    });
+    // Several refreshes later the last good answer is still in use, and /ready is 200.
+    thread::sleep(Duration::from_secs(3));
+    for name in ["nx", "refused"] {
+        assert_eq!(
+            seen(legate.addr(name), 5),
+            BTreeSet::from(["a".to_string()]),
+            "{name}"
+        );
+    }
+    assert_eq!(legate.get("/ready").0, 200);
+    let (_, endpoints) = legate.get("/endpoints");
+    assert!(
+        endpoints.contains("NXDOMAIN") || endpoints.contains("no record"),
+        "{endpoints}"
+    );
+    // Back, with a new address: followed.
+    dns.set_hosts("127.0.0.3 redis.local.test\n127.0.0.3 redis.other.test\n");
+    for name in ["nx", "refused"] {
+        eventually(
+            Duration::from_secs(15),
+            &format!("{name}: the new answer"),
+            || seen(legate.addr(name), 5) == BTreeSet::from(["b".to_string()]),
+        );
+    }
+    probe.finish(
+        &mut legate,
+        Expect {
+            moved: &[(
+                "legate_reloads_total",
+                &[("source", "dns"), ("result", "error")],
+            )],
+            ..Expect::default()
+        },
+    );
+}

@@ -8,16 +8,23 @@
 //! cancels it.
 //!
 //! Plaintext TCP on Linux moves bytes with splice(2) (`splice.rs`); if the kernel
-//! refuses splice for a socket the direction falls back to a buffered copy.
+//! refuses splice for a socket the direction falls back to a buffered copy. A burst's
+//! first read goes through a per-thread 8 KiB buffer (recv + send: small requests and
+//! replies cost two syscalls, not three); a burst that fills it turns the direction to
+//! splice until a burst moves less.
 
 use super::copy::Transport;
 use crate::discovery::monotonic_ms;
 use crate::metrics::ListenerMetrics;
 use prometheus::IntCounter;
 use socket2::SockRef;
+use std::future::Future;
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -126,10 +133,12 @@ pub async fn forward<C: Transport, U: Transport>(
             .await
         };
         let idle = idle_watch(activity.as_ref(), idle_timeout);
+        let cancelled = cancel.cancelled();
+        tokio::pin!(cancelled);
         tokio::select! {
             end = transfer => end,
             _ = idle => End::IdleTimeout,
-            _ = cancel.cancelled() => End::Cancelled,
+            _ = quiet(cancelled) => End::Cancelled,
         }
     };
     if let End::Reset { from, .. } = &end {
@@ -189,6 +198,74 @@ async fn splice_both(
     }
 }
 
+/// `fut` (a cancellation signal), polled only on the first poll and after its own
+/// waker fired. Polling a `cancelled()` future locks the token's mutex and its Notify's
+/// waiter list, both shared by every connection waiting on that token; without this,
+/// every data wakeup of every connection would take those locks.
+pub(super) fn quiet<F: Future>(fut: Pin<&mut F>) -> Quiet<'_, F> {
+    let flag = Arc::new(Flag {
+        woken: AtomicBool::new(true),
+        task: Mutex::new(None),
+    });
+    Quiet {
+        inner: fut,
+        waker: Waker::from(Arc::clone(&flag)),
+        flag,
+        task: None,
+    }
+}
+
+pub(super) struct Quiet<'a, F> {
+    inner: Pin<&'a mut F>,
+    flag: Arc<Flag>,
+    /// The waker the inner future registers: `flag`'s.
+    waker: Waker,
+    /// The task's waker as last given to `flag`, to notice (cheaply) if it changes.
+    task: Option<Waker>,
+}
+
+pub(super) struct Flag {
+    woken: AtomicBool,
+    task: Mutex<Option<Waker>>,
+}
+
+impl Wake for Flag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, SeqCst);
+        let task = self.task.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(task) = task.as_ref() {
+            task.wake_by_ref();
+        }
+    }
+}
+
+impl<F: Future> Future for Quiet<'_, F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        if !this.task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
+            let task = cx.waker().clone();
+            *this
+                .flag
+                .task
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(task.clone());
+            this.task = Some(task);
+            this.flag.woken.store(true, SeqCst);
+        }
+        if !this.flag.woken.swap(false, SeqCst) {
+            return Poll::Pending;
+        }
+        this.inner
+            .as_mut()
+            .poll(&mut Context::from_waker(&this.waker))
+    }
+}
+
 async fn idle_watch(activity: Option<&AtomicU64>, idle_timeout: Option<Duration>) {
     let (Some(activity), Some(idle)) = (activity, idle_timeout) else {
         return std::future::pending().await;
@@ -215,7 +292,8 @@ async fn one_way(
 ) -> Result<(), DirectionError> {
     match splice_one_way(src, dst, bytes, progress, activity).await {
         Err(DirectionError::Read(error))
-            if error.raw_os_error() == Some(libc::EINVAL) && progress.moved.load(Relaxed) == 0 =>
+            if error.raw_os_error() == Some(libc::EINVAL)
+                && progress.spliced.load(Relaxed) == 0 =>
         {
             tracing::debug!("splice refused by the kernel, using a buffered copy");
         }
@@ -239,6 +317,88 @@ fn half_close(dst: &TcpStream) {
     let _ = SockRef::from(dst).shutdown(Shutdown::Write);
 }
 
+/// What a burst's first read through the per-thread buffer did.
+#[cfg(target_os = "linux")]
+enum First {
+    /// Nothing to read after all.
+    Empty,
+    /// End of stream.
+    Eof,
+    /// All of it was written on. `drained`: the read was short, so the socket is empty
+    /// (its readiness was cleared and the next wait is a real one).
+    Sent { drained: bool },
+    /// The destination took only part; the rest is in this pipe.
+    Held(splice::Pipe, usize),
+}
+
+/// A burst's first read: small messages (requests, replies) are the common case, and
+/// for them recv + send through a per-thread buffer costs two syscalls where splice
+/// costs three (in, out, and the EAGAIN that proves the socket empty: a short recv
+/// already proves it). Nothing is held per connection unless the destination is full.
+#[cfg(target_os = "linux")]
+fn first_read(
+    src: &TcpStream,
+    dst: &TcpStream,
+    bytes: &IntCounter,
+    progress: &Progress,
+    activity: Option<&AtomicU64>,
+) -> Result<First, DirectionError> {
+    SCRATCH.with_borrow_mut(|buffer| {
+        if buffer.is_empty() {
+            buffer.resize(SMALL, 0);
+        }
+        let mut short = 0;
+        // A short read is reported to try_io as WouldBlock, which clears the readiness
+        // (race-free: an event that arrived meanwhile has a newer tick and survives).
+        let read = src.try_io(Interest::READABLE, || match src.try_read(buffer) {
+            Ok(n) if n > 0 && n < buffer.len() => {
+                short = n;
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+            other => other,
+        });
+        let (filled, drained) = match read {
+            Ok(0) => return Ok(First::Eof),
+            Ok(filled) => (filled, false),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => match short {
+                0 => return Ok(First::Empty),
+                n => (n, true),
+            },
+            Err(error) => return Err(DirectionError::Read(error)),
+        };
+        let written = match dst.try_write(&buffer[..filled]) {
+            Ok(written) => written,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(error) => return Err(DirectionError::Write(error)),
+        };
+        if written > 0 {
+            record(bytes, progress, activity, written);
+        }
+        if written == filled {
+            return Ok(First::Sent { drained });
+        }
+        let rest = &buffer[written..filled];
+        let pipe = splice::take().map_err(DirectionError::Write)?;
+        match pipe.hold(rest) {
+            Ok(held) if held == rest.len() => Ok(First::Held(pipe, held)),
+            Ok(_) => Err(DirectionError::Write(io::Error::other(
+                "a pipe took less than 8 KiB",
+            ))),
+            Err(error) => Err(DirectionError::Write(error)),
+        }
+    })
+}
+
+/// Bytes a burst's first read takes through the per-thread buffer; a burst that fills
+/// it is bulk, and the direction splices its next bursts until one moves less.
+#[cfg(target_os = "linux")]
+const SMALL: usize = 8 * 1024;
+
+#[cfg(target_os = "linux")]
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 #[cfg(target_os = "linux")]
 async fn splice_one_way(
     src: &TcpStream,
@@ -247,37 +407,44 @@ async fn splice_one_way(
     progress: &Progress,
     activity: Option<&AtomicU64>,
 ) -> Result<(), DirectionError> {
+    // Small until a burst fills the buffer, bulk until a spliced burst moves less.
+    let mut small = true;
     loop {
         // Fill: wait for data without holding a pipe, then take one for this burst.
         src.readable().await.map_err(DirectionError::Read)?;
-        let pipe = splice::take().map_err(DirectionError::Read)?;
-        let mut in_pipe =
-            match src.try_io(Interest::READABLE, || pipe.fill_from(src, splice::CHUNK)) {
-                Ok(0) => {
-                    splice::give_back(pipe);
+        let (pipe, mut in_pipe, mut copied) = if small {
+            match first_read(src, dst, bytes, progress, activity)? {
+                First::Empty | First::Sent { drained: true } => continue,
+                First::Eof => {
                     half_close(dst);
                     return Ok(());
                 }
-                Ok(filled) => filled,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                    splice::give_back(pipe);
-                    continue;
+                First::Sent { drained: false } => {
+                    small = false;
+                    (splice::take().map_err(DirectionError::Read)?, 0, 0)
                 }
-                Err(error) => {
-                    splice::give_back(pipe);
-                    return Err(DirectionError::Read(error));
-                }
-            };
+                First::Held(pipe, held) => (pipe, held, held),
+            }
+        } else {
+            (splice::take().map_err(DirectionError::Read)?, 0, 0)
+        };
         // Drain, then keep filling while the source has more, so a busy stream keeps
         // its pipe and pays no readiness round trip per chunk.
+        let mut burst = 0;
         loop {
             while in_pipe > 0 {
                 dst.writable().await.map_err(DirectionError::Write)?;
                 match dst.try_io(Interest::WRITABLE, || pipe.drain_to(dst, in_pipe)) {
                     Ok(moved) => {
                         in_pipe -= moved;
-                        progress.spliced.fetch_add(moved as u64, Relaxed);
+                        // Bytes held from the buffer were copied, not spliced.
+                        let was_copied = moved.min(copied);
+                        copied -= was_copied;
+                        progress
+                            .spliced
+                            .fetch_add((moved - was_copied) as u64, Relaxed);
                         record(bytes, progress, activity, moved);
+                        burst += moved;
                     }
                     Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
                     // The pipe still holds bytes: drop (close) it rather than pool it.
@@ -293,6 +460,9 @@ async fn splice_one_way(
                 Ok(filled) => in_pipe = filled,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                     splice::give_back(pipe);
+                    if burst < SMALL {
+                        small = true;
+                    }
                     break;
                 }
                 Err(error) => {

@@ -186,9 +186,11 @@ async fn handle(
         config.idle_timeout,
         connections,
     );
+    let closing = closed.cancelled();
+    tokio::pin!(closing);
     let outcome = tokio::select! {
         outcome = forwarding => outcome,
-        _ = closed.cancelled() => {
+        _ = forward::quiet(closing) => {
             // Dropping the forwarding closes both sockets, as a drain deadline does.
             tracing::debug!(listener = %listener.name, %peer, upstream = %upstream.addr, "connection closed: endpoint turned unhealthy (close_on_unhealthy)");
             return;

@@ -28,6 +28,7 @@ pub const HEALTH_CHECKS_TOTAL: &str = "legate_health_checks_total";
 pub const PANICS_TOTAL: &str = "legate_panics_total";
 pub const TLS_HANDSHAKE_ERRORS_TOTAL: &str = "legate_tls_handshake_errors_total";
 pub const TLS_HANDSHAKE_SECONDS: &str = "legate_tls_handshake_seconds";
+pub const DNS_TRUNCATED_TOTAL: &str = "legate_dns_truncated_total";
 
 /// Panics anywhere in the process. A panic hook has no way to reach a `Metrics`
 /// instance, and a panic is a process-wide event anyway, so this one count is global;
@@ -80,6 +81,7 @@ pub struct Metrics {
     health_checks: IntCounterVec,
     tls_handshake_errors: IntCounterVec,
     tls_handshake_seconds: HistogramVec,
+    dns_truncated: IntCounterVec,
     pub endpoints: IntGaugeVec,
     pub reloads: IntCounterVec,
     pub ready: IntGauge,
@@ -106,6 +108,8 @@ pub struct ListenerMetrics {
     pub endpoints_unhealthy: IntGauge,
     pub tls_handshake_client: prometheus::Histogram,
     pub tls_handshake_upstream: prometheus::Histogram,
+    /// DNS answers (A/AAAA or SRV) cut to `discovery::dns::MAX_ENDPOINTS` addresses.
+    pub dns_truncated: IntCounter,
     connect_failures: IntCounterVec,
     connect_errors: IntCounterVec,
     health_checks: IntCounterVec,
@@ -326,6 +330,12 @@ impl Metrics {
                 &["listener", "side", "reason"],
             ),
             tls_handshake_seconds,
+            dns_truncated: counter_vec(
+                &registry,
+                DNS_TRUNCATED_TOTAL,
+                "DNS lookups whose answer had more addresses than a target keeps (1024); the rest were dropped.",
+                &["listener"],
+            ),
             endpoints: gauge_vec(
                 &registry,
                 ENDPOINTS,
@@ -380,6 +390,7 @@ impl Metrics {
             tls_handshake_upstream: self
                 .tls_handshake_seconds
                 .with_label_values(&[name, "upstream"]),
+            dns_truncated: self.dns_truncated.with_label_values(&[name]),
             connect_failures: self.connect_failures.clone(),
             connect_errors: self.connect_errors.clone(),
             health_checks: self.health_checks.clone(),

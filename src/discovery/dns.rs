@@ -16,7 +16,12 @@
 //!   `max_ttl` (and never sooner than [`MIN_REFRESH`], since `min_ttl` may be `0s`), plus up
 //!   to 10% (at most 250ms) of jitter so targets sharing a TTL don't refresh in lockstep.
 //!   Addresses are sorted, so a server that rotates its answers publishes nothing new.
-//!   At most [`MAX_ENDPOINTS`] addresses per target are kept (a warning says so).
+//!   At most [`MAX_ENDPOINTS`] addresses per target are kept (the lowest, so the same ones
+//!   on every refresh); every lookup cut that way counts
+//!   `legate_dns_truncated_total{listener}`, and a warning is logged when a target's
+//!   answers start being cut (an info line when they fit again), not on every refresh.
+//! - **Empty answer** (NOERROR without an address, or an SRV answer whose targets have no
+//!   address): a failure like the ones below, never an empty set.
 //! - **Failure** (NXDOMAIN, an answer with no records, SERVFAIL, REFUSED or another rcode, a
 //!   timeout, an unreachable server): the last good answer stays in use — a lookup never
 //!   empties a set, there is no stale limit — and the error is recorded for `/ready` and
@@ -24,7 +29,7 @@
 //!   as not resolved). A warning is logged when the target starts failing or the reason
 //!   changes, not on every retry; an info line when it recovers. Retries back off
 //!   exponentially from 250ms to `min(max_ttl, 30s)`, each delay shortened by up to a
-//!   quarter at random.
+//!   quarter at random but never under [`MIN_REFRESH`].
 //! - **Metrics**: `legate_reloads_total{source="dns",result="error"}` counts every failed
 //!   lookup, retries included; `result="ok"` counts lookups that brought a new answer for
 //!   the target (the first one and every change), not the refreshes that confirmed the
@@ -74,7 +79,8 @@ pub const MIN_REFRESH: Duration = Duration::from_millis(250);
 const BACKOFF_START: Duration = Duration::from_millis(250);
 /// ... up to `min(max_ttl, BACKOFF_MAX)`.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// Addresses kept per target; the rest of a huge answer is dropped (with a warning).
+/// Addresses kept per target; the rest of a huge answer is dropped (counted in
+/// `legate_dns_truncated_total`, with a warning when it starts).
 pub const MAX_ENDPOINTS: usize = 1024;
 
 /// The process's resolver, built once from `[dns]`.
@@ -470,7 +476,9 @@ fn with_jitter(delay: Duration) -> Duration {
 }
 
 /// Exponential back-off between failed lookups: 250ms, 500ms, 1s ... up to `max`, each
-/// delay shortened by up to a quarter at random so many targets don't retry together.
+/// delay shortened by up to a quarter at random so many targets don't retry together, but
+/// never under [`MIN_REFRESH`] (a name flapping between good and failed answers is asked
+/// no more often than one that answers).
 #[derive(Debug, Clone)]
 struct Backoff {
     next: Duration,
@@ -494,7 +502,7 @@ impl Backoff {
 
     fn next_delay(&mut self) -> Duration {
         let delay = self.step();
-        delay - (delay / 4).mul_f64(fastrand::f64())
+        (delay - (delay / 4).mul_f64(fastrand::f64())).max(MIN_REFRESH)
     }
 
     fn reset(&mut self) {
@@ -511,6 +519,8 @@ struct Refresh {
     last: Option<Vec<EndpointSpec>>,
     /// The error of the current failing streak, so it is logged once.
     failing: Option<LookupError>,
+    /// The last answer was cut to [`MAX_ENDPOINTS`], so the warning is logged once.
+    truncated: bool,
     backoff: Backoff,
 }
 
@@ -527,6 +537,7 @@ impl Refresh {
             target,
             last: None,
             failing: None,
+            truncated: false,
             backoff: resolver.backoff(),
         }
     }
@@ -534,6 +545,14 @@ impl Refresh {
     /// Apply one lookup's outcome; returns how long to wait before the next lookup.
     fn apply(&mut self, resolver: &DnsResolver, outcome: Result<Answer, LookupError>) -> Duration {
         match outcome {
+            // The lookups already turn an answer without addresses into an error; this keeps
+            // the policy in one place whatever a lookup returns: DNS never empties a set.
+            Ok(answer) if answer.endpoints.is_empty() => {
+                self.failed(LookupError::NoRecords {
+                    name: self.target.clone(),
+                });
+                self.backoff.next_delay()
+            }
             Ok(answer) => {
                 let wait = resolver.refresh_after(answer.ttl);
                 self.succeeded(answer.endpoints);
@@ -549,16 +568,26 @@ impl Refresh {
     fn succeeded(&mut self, mut endpoints: Vec<EndpointSpec>) {
         self.backoff.reset();
         if endpoints.len() > MAX_ENDPOINTS {
-            if self.last.as_ref().map(Vec::len) != Some(MAX_ENDPOINTS) {
+            self.listener.metrics.dns_truncated.inc();
+            if !self.truncated {
                 tracing::warn!(
                     listener = %self.listener.name,
                     target = %self.target,
                     answered = endpoints.len(),
                     kept = MAX_ENDPOINTS,
-                    "DNS answer too large; extra addresses dropped"
+                    "DNS answer too large; extra addresses dropped (counted in legate_dns_truncated_total)"
                 );
+                self.truncated = true;
             }
             endpoints.truncate(MAX_ENDPOINTS);
+        } else if self.truncated {
+            tracing::info!(
+                listener = %self.listener.name,
+                target = %self.target,
+                answered = endpoints.len(),
+                "DNS answer fits again; no address dropped"
+            );
+            self.truncated = false;
         }
         let recovered = self.failing.take();
         let new_answer = self.last.as_ref() != Some(&endpoints);
@@ -790,6 +819,128 @@ mod tests {
                 "{delay:?}"
             );
         }
+    }
+
+    #[test]
+    fn backoff_never_goes_under_the_refresh_floor() {
+        let mut backoff = Backoff::new(Duration::from_secs(30));
+        for _ in 0..1000 {
+            assert!(backoff.next_delay() >= MIN_REFRESH);
+            backoff.reset();
+        }
+    }
+
+    /// A listener with one target, and a `Refresh` feeding it, as `run` builds them.
+    fn refresh_for_one_target() -> (Refresh, DnsResolver, Arc<Shared>) {
+        let shared = Arc::new(Shared::new(None));
+        let seed = SocketAddr::from(([192, 0, 2, 1], 6379));
+        let upstream = crate::config::Target::Static(seed);
+        let target = upstream.to_string();
+        let config = crate::config::ListenerConfig::with_defaults(
+            "dns".into(),
+            SocketAddr::from(([127, 0, 0, 1], 6380)),
+            vec![upstream],
+        );
+        let token = CancellationToken::new();
+        let listener = Arc::new(ListenerState::new(
+            config,
+            Default::default(),
+            &shared.metrics,
+            &token,
+            &token,
+        ));
+        let resolver = DnsResolver::new(&DnsConfig {
+            servers: vec![SocketAddr::from(([127, 0, 0, 1], 9))],
+            min_ttl: Duration::ZERO,
+            max_ttl: Duration::from_secs(5),
+        })
+        .unwrap();
+        let refresh = Refresh::new(&resolver, listener, Arc::clone(&shared), target);
+        (refresh, resolver, shared)
+    }
+
+    fn answer(count: usize) -> Answer {
+        Answer {
+            endpoints: address_endpoints(
+                (0..count).map(|i| IpAddr::from([127, 1, (i / 250) as u8, (i % 250 + 1) as u8])),
+                7000,
+            ),
+            ttl: Duration::ZERO,
+        }
+    }
+
+    fn dns_reloads(shared: &Shared, result: &str) -> u64 {
+        shared
+            .metrics
+            .reloads
+            .with_label_values(&["dns", result])
+            .get()
+    }
+
+    #[tokio::test]
+    async fn an_empty_answer_keeps_the_last_good_set_and_counts_an_error() {
+        let (mut refresh, resolver, shared) = refresh_for_one_target();
+        refresh.apply(&resolver, Ok(answer(3)));
+        assert_eq!(refresh.listener.endpoints.load().endpoints.len(), 3);
+        assert_eq!(dns_reloads(&shared, "error"), 0);
+        let wait = refresh.apply(&resolver, Ok(answer(0)));
+        assert!(wait >= MIN_REFRESH, "{wait:?}");
+        assert_eq!(refresh.listener.endpoints.load().endpoints.len(), 3);
+        assert_eq!(refresh.last.as_ref().map(Vec::len), Some(3));
+        assert_eq!(dns_reloads(&shared, "error"), 1);
+        let sources = refresh.listener.endpoints.sources();
+        assert!(
+            sources[0]
+                .error
+                .as_deref()
+                .is_some_and(|error| error.contains("no records")),
+            "{sources:?}"
+        );
+        // The lookup's own "no records" error takes the same path.
+        refresh.apply(
+            &resolver,
+            Err(LookupError::NoRecords {
+                name: "x.test".into(),
+            }),
+        );
+        assert_eq!(refresh.listener.endpoints.load().endpoints.len(), 3);
+        assert_eq!(dns_reloads(&shared, "error"), 2);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_answer_is_capped_and_every_capped_lookup_is_counted() {
+        fn refresh_truncated(refresh: &Refresh) -> u64 {
+            refresh.listener.metrics.dns_truncated.get()
+        }
+        let (mut refresh, resolver, _shared) = refresh_for_one_target();
+        refresh.apply(&resolver, Ok(answer(MAX_ENDPOINTS)));
+        assert_eq!(refresh_truncated(&refresh), 0);
+        assert!(!refresh.truncated);
+        refresh.apply(&resolver, Ok(answer(1100)));
+        let set = refresh.listener.endpoints.load();
+        assert_eq!(set.endpoints.len(), MAX_ENDPOINTS);
+        // The lowest addresses are kept, so each refresh keeps the same ones.
+        assert_eq!(set.endpoints[0].addr, answer(1).endpoints[0].addr);
+        assert_eq!(refresh_truncated(&refresh), 1);
+        assert!(refresh.truncated);
+        refresh.apply(&resolver, Ok(answer(1100)));
+        assert_eq!(refresh_truncated(&refresh), 2);
+        // A failure in between keeps the capped set and the state.
+        refresh.apply(
+            &resolver,
+            Err(LookupError::Timeout {
+                name: "x.test".into(),
+            }),
+        );
+        assert!(refresh.truncated);
+        assert_eq!(
+            refresh.listener.endpoints.load().endpoints.len(),
+            MAX_ENDPOINTS
+        );
+        refresh.apply(&resolver, Ok(answer(2)));
+        assert!(!refresh.truncated);
+        assert_eq!(refresh_truncated(&refresh), 2);
+        assert_eq!(refresh.listener.endpoints.load().endpoints.len(), 2);
     }
 
     #[test]

@@ -28,6 +28,20 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     };
     // Restarting legate must not wait for TIME_WAIT of the previous process's sockets.
     socket.set_reuseaddr(true)?;
+    // On Linux accepted sockets inherit TCP_NODELAY and the keepalive settings from the
+    // listener, so setting them here once (the same values as `proxy::tune`) saves five
+    // setsockopt calls per accepted connection.
+    #[cfg(target_os = "linux")]
+    {
+        let listening = SockRef::from(&socket);
+        listening.set_tcp_nodelay(true)?;
+        listening.set_tcp_keepalive(
+            &socket2::TcpKeepalive::new()
+                .with_time(Duration::from_secs(60))
+                .with_interval(Duration::from_secs(10))
+                .with_retries(6),
+        )?;
+    }
     socket.bind(addr)?;
     socket.listen(4096)
 }
@@ -108,6 +122,8 @@ async fn handle(
     listener: &ListenerState,
     connections: &CancellationToken,
 ) {
+    // On Linux the client socket inherited these from the listener (see `bind`).
+    #[cfg(not(target_os = "linux"))]
     super::tune(&client);
     let config = listener.config.load_full();
     // Terminate TLS first (inside this task, under a timeout, so a slow or silent

@@ -8,10 +8,10 @@
 //! cancels it.
 //!
 //! Plaintext TCP on Linux moves bytes with splice(2) (`splice.rs`); if the kernel
-//! refuses splice for a socket the direction falls back to a buffered copy. A burst's
-//! first read goes through a per-thread 8 KiB buffer (recv + send: small requests and
-//! replies cost two syscalls, not three); a burst that fills it turns the direction to
-//! splice until a burst moves less.
+//! refuses splice for a socket the direction falls back to a buffered copy. Bytes of a
+//! plaintext connection never pass through user space: PRODUCT.md promises zero-copy,
+//! so even small requests splice (a recv+send path measured 13% less CPU per small
+//! request, but it copies; see the README's Performance notes).
 
 use super::copy::Transport;
 use crate::discovery::monotonic_ms;
@@ -317,88 +317,6 @@ fn half_close(dst: &TcpStream) {
     let _ = SockRef::from(dst).shutdown(Shutdown::Write);
 }
 
-/// What a burst's first read through the per-thread buffer did.
-#[cfg(target_os = "linux")]
-enum First {
-    /// Nothing to read after all.
-    Empty,
-    /// End of stream.
-    Eof,
-    /// All of it was written on. `drained`: the read was short, so the socket is empty
-    /// (its readiness was cleared and the next wait is a real one).
-    Sent { drained: bool },
-    /// The destination took only part; the rest is in this pipe.
-    Held(splice::Pipe, usize),
-}
-
-/// A burst's first read: small messages (requests, replies) are the common case, and
-/// for them recv + send through a per-thread buffer costs two syscalls where splice
-/// costs three (in, out, and the EAGAIN that proves the socket empty: a short recv
-/// already proves it). Nothing is held per connection unless the destination is full.
-#[cfg(target_os = "linux")]
-fn first_read(
-    src: &TcpStream,
-    dst: &TcpStream,
-    bytes: &IntCounter,
-    progress: &Progress,
-    activity: Option<&AtomicU64>,
-) -> Result<First, DirectionError> {
-    SCRATCH.with_borrow_mut(|buffer| {
-        if buffer.is_empty() {
-            buffer.resize(SMALL, 0);
-        }
-        let mut short = 0;
-        // A short read is reported to try_io as WouldBlock, which clears the readiness
-        // (race-free: an event that arrived meanwhile has a newer tick and survives).
-        let read = src.try_io(Interest::READABLE, || match src.try_read(buffer) {
-            Ok(n) if n > 0 && n < buffer.len() => {
-                short = n;
-                Err(io::ErrorKind::WouldBlock.into())
-            }
-            other => other,
-        });
-        let (filled, drained) = match read {
-            Ok(0) => return Ok(First::Eof),
-            Ok(filled) => (filled, false),
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => match short {
-                0 => return Ok(First::Empty),
-                n => (n, true),
-            },
-            Err(error) => return Err(DirectionError::Read(error)),
-        };
-        let written = match dst.try_write(&buffer[..filled]) {
-            Ok(written) => written,
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => 0,
-            Err(error) => return Err(DirectionError::Write(error)),
-        };
-        if written > 0 {
-            record(bytes, progress, activity, written);
-        }
-        if written == filled {
-            return Ok(First::Sent { drained });
-        }
-        let rest = &buffer[written..filled];
-        let pipe = splice::take().map_err(DirectionError::Write)?;
-        match pipe.hold(rest) {
-            Ok(held) if held == rest.len() => Ok(First::Held(pipe, held)),
-            Ok(_) => Err(DirectionError::Write(io::Error::other(
-                "a pipe took less than 8 KiB",
-            ))),
-            Err(error) => Err(DirectionError::Write(error)),
-        }
-    })
-}
-
-/// Bytes a burst's first read takes through the per-thread buffer; a burst that fills
-/// it is bulk, and the direction splices its next bursts until one moves less.
-#[cfg(target_os = "linux")]
-const SMALL: usize = 8 * 1024;
-
-#[cfg(target_os = "linux")]
-thread_local! {
-    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 #[cfg(target_os = "linux")]
 async fn splice_one_way(
     src: &TcpStream,
@@ -407,44 +325,37 @@ async fn splice_one_way(
     progress: &Progress,
     activity: Option<&AtomicU64>,
 ) -> Result<(), DirectionError> {
-    // Small until a burst fills the buffer, bulk until a spliced burst moves less.
-    let mut small = true;
     loop {
         // Fill: wait for data without holding a pipe, then take one for this burst.
         src.readable().await.map_err(DirectionError::Read)?;
-        let (pipe, mut in_pipe, mut copied) = if small {
-            match first_read(src, dst, bytes, progress, activity)? {
-                First::Empty | First::Sent { drained: true } => continue,
-                First::Eof => {
+        let pipe = splice::take().map_err(DirectionError::Read)?;
+        let mut in_pipe =
+            match src.try_io(Interest::READABLE, || pipe.fill_from(src, splice::CHUNK)) {
+                Ok(0) => {
+                    splice::give_back(pipe);
                     half_close(dst);
                     return Ok(());
                 }
-                First::Sent { drained: false } => {
-                    small = false;
-                    (splice::take().map_err(DirectionError::Read)?, 0, 0)
+                Ok(filled) => filled,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    splice::give_back(pipe);
+                    continue;
                 }
-                First::Held(pipe, held) => (pipe, held, held),
-            }
-        } else {
-            (splice::take().map_err(DirectionError::Read)?, 0, 0)
-        };
+                Err(error) => {
+                    splice::give_back(pipe);
+                    return Err(DirectionError::Read(error));
+                }
+            };
         // Drain, then keep filling while the source has more, so a busy stream keeps
         // its pipe and pays no readiness round trip per chunk.
-        let mut burst = 0;
         loop {
             while in_pipe > 0 {
                 dst.writable().await.map_err(DirectionError::Write)?;
                 match dst.try_io(Interest::WRITABLE, || pipe.drain_to(dst, in_pipe)) {
                     Ok(moved) => {
                         in_pipe -= moved;
-                        // Bytes held from the buffer were copied, not spliced.
-                        let was_copied = moved.min(copied);
-                        copied -= was_copied;
-                        progress
-                            .spliced
-                            .fetch_add((moved - was_copied) as u64, Relaxed);
+                        progress.spliced.fetch_add(moved as u64, Relaxed);
                         record(bytes, progress, activity, moved);
-                        burst += moved;
                     }
                     Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
                     // The pipe still holds bytes: drop (close) it rather than pool it.
@@ -460,9 +371,6 @@ async fn splice_one_way(
                 Ok(filled) => in_pipe = filled,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                     splice::give_back(pipe);
-                    if burst < SMALL {
-                        small = true;
-                    }
                     break;
                 }
                 Err(error) => {

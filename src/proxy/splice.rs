@@ -49,26 +49,6 @@ impl Pipe {
     pub fn drain_to(&self, socket: &impl AsRawFd, len: usize) -> io::Result<usize> {
         splice(self.read.as_raw_fd(), socket.as_raw_fd(), len)
     }
-
-    /// Copy `bytes` into an empty pipe, to be drained like spliced bytes: what a
-    /// destination could not take at once. Every pipe holds at least 8 KiB (two pages,
-    /// even under the per-user pipe limit), so up to that much goes in whole.
-    pub fn hold(&self, bytes: &[u8]) -> io::Result<usize> {
-        // SAFETY: the write end is an open descriptor this pipe owns; the pointer and
-        // length come from a live slice, which the kernel only reads.
-        let written = unsafe {
-            libc::write(
-                self.write.as_raw_fd(),
-                bytes.as_ptr().cast::<libc::c_void>(),
-                bytes.len(),
-            )
-        };
-        if written < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(written as usize)
-        }
-    }
 }
 
 fn splice(from: libc::c_int, to: libc::c_int, len: usize) -> io::Result<usize> {

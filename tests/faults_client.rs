@@ -200,10 +200,13 @@ fn row14_silent_clients_hit_the_cap_and_admin_stays_reachable() {
     let probe = Probe::start(&legate);
     let count = scale(200, 10_000);
     let mut silent = Vec::with_capacity(count);
-    for _ in 0..count {
+    for n in 0..count {
         match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
             Ok(s) => silent.push(s),
-            Err(e) => panic!("connect {} failed: {e}", silent.len()),
+            // Over the cap legate accepts and resets at once; the reset can reach the
+            // client before its connect() has reported success. That is the rejection.
+            Err(e) if n >= 50 && e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("connect {n} failed: {e}"),
         }
     }
     // Admin, metrics and readiness answer while the data plane is full.

@@ -182,7 +182,10 @@ async fn handle(
                 ConnectError::Failed { .. } => RejectReason::ConnectFailed,
             };
             listener.metrics.rejected(reason).inc();
-            tracing::debug!(listener = %listener.name, %peer, ?error, "client closed: no upstream");
+            // Reset, not FIN: the client must not take "no backend" for a served,
+            // cleanly closed connection (the same as over max_connections).
+            let _ = SockRef::from(client.tcp()).set_linger(Some(Duration::ZERO));
+            tracing::debug!(listener = %listener.name, %peer, ?error, "client reset: no upstream");
             return;
         }
     };
@@ -242,6 +245,15 @@ fn errno_name(error: &std::io::Error) -> &'static str {
 pub enum ClientStream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl ClientStream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            ClientStream::Plain(stream) => stream,
+            ClientStream::Tls(stream) => stream.get_ref().0,
+        }
+    }
 }
 
 /// Counts a client connection as open for as long as it lives, panics included.

@@ -39,10 +39,21 @@ pub const FAST_HEALTH: &str = r#"{ check = "tcp", interval = "200ms", timeout = 
 // Small utilities
 // ---------------------------------------------------------------------------------------------
 
-/// A port that was free on 127.0.0.1 a moment ago (the kernel picks it).
+/// A port that was free on 127.0.0.1 a moment ago (the kernel picks it), and that this
+/// test process has not handed out before: the kernel may offer a port it just gave us
+/// again (it is free until the test binds it), and two roles on one port make a test
+/// fail for nothing.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().unwrap().port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = listener.local_addr().unwrap().port();
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// `127.0.0.1:port`

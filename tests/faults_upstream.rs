@@ -46,9 +46,8 @@ fn row01_refused_backend_closes_the_client_at_once() {
     let probe = Probe::start(&legate);
     for _ in 0..20 {
         let started = Instant::now();
-        let mut client = connect(legate.addr("dead"));
         assert!(
-            closed_within(&mut client, Duration::from_secs(2)),
+            turned_away(legate.addr("dead"), Duration::from_secs(2)),
             "client not closed"
         );
         // "within milliseconds": generous, CPU is shared in CI.
@@ -230,13 +229,21 @@ fn row03_full_accept_queue_hits_the_connect_timeout() {
     legate.wait_ready(Duration::from_secs(10));
     warm_up(legate.addr("live"));
     let probe = Probe::start(&legate);
-    let mut client = connect(legate.addr("full"));
     assert!(
-        closed_within(&mut client, Duration::from_secs(5)),
+        turned_away(legate.addr("full"), Duration::from_secs(5)),
         "client not closed after connect_timeout"
     );
-    // 200 clients at once: each is closed (timeout, or no_endpoint while ejected).
-    let clients: Vec<TcpStream> = (0..200).map(|_| connect(legate.addr("full"))).collect();
+    // 200 clients at once: each is closed (timeout, or no_endpoint while ejected, which
+    // can reset a client before its connect() returns).
+    let clients: Vec<TcpStream> = (0..200)
+        .filter_map(|_| {
+            match TcpStream::connect_timeout(&legate.addr("full"), Duration::from_secs(5)) {
+                Ok(stream) => Some(stream),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => None,
+                Err(e) => panic!("connect: {e}"),
+            }
+        })
+        .collect();
     for mut c in clients {
         assert!(closed_within(&mut c, Duration::from_secs(10)));
     }
@@ -303,8 +310,7 @@ fn row04_blackholed_endpoint_new_dials_and_mid_stream() {
             "a blackholed connection was not closed"
         );
         // New dials: no SYN-ACK ever arrives.
-        let mut client = connect(addr);
-        assert!(closed_within(&mut client, Duration::from_secs(5)));
+        assert!(turned_away(addr, Duration::from_secs(5)));
         let metrics = legate.metrics();
         assert!(metrics.value(CONNECT_ERRORS, &[("reason", "timeout")]) >= 1.0);
         assert_eq!(

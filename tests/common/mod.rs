@@ -114,6 +114,18 @@ pub fn wait_listening(port: u16, timeout: Duration, what: &str) {
     });
 }
 
+/// Connects to a listener that is expected to turn the client away and reports whether
+/// the client was closed within `timeout`. legate resets a client it cannot serve, and
+/// on loopback that reset can arrive before connect() has returned: then connect()
+/// itself fails with ECONNRESET, which is the same outcome.
+pub fn turned_away(addr: SocketAddr, timeout: Duration) -> bool {
+    match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(mut stream) => closed_within(&mut stream, timeout),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => true,
+        Err(e) => panic!("connect to {addr}: {e}"),
+    }
+}
+
 /// Connects with a timeout and sets read/write timeouts on the stream.
 pub fn connect(addr: SocketAddr) -> TcpStream {
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))

@@ -866,7 +866,14 @@ impl Drop for Legate {
 
 /// `legate` as a `Command`, with no `LEGATE_*` variables leaking in from the environment.
 pub fn legate_command() -> Command {
-    let mut cmd = Command::new(LEGATE);
+    // scripts/test builds the static binary the Docker image ships and sets
+    // LEGATE_STATIC_BIN, so the whole end-to-end suite runs against that artifact; a
+    // plain `cargo test` runs cargo's own build.
+    let binary = std::env::var("LEGATE_STATIC_BIN")
+        .ok()
+        .filter(|path| !path.is_empty())
+        .unwrap_or_else(|| LEGATE.to_string());
+    let mut cmd = Command::new(binary);
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("LEGATE_") {
             cmd.env_remove(&key);

@@ -131,6 +131,36 @@ async fn connect(target: &Probe, deadline: Instant) -> Result<Box<dyn ProbeStrea
     }
 }
 
+/// Read the next bytes of a reply into `buf`, never beyond `cap` bytes in all (the
+/// buffer grows only as bytes arrive, never from a length the peer sent). `what` names
+/// the reply in errors: "connection closed without a greeting", "... mid-reply".
+pub(crate) async fn read_more(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    buf: &mut Vec<u8>,
+    cap: usize,
+    what: &str,
+) -> Result<(), String> {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 4096];
+    let room = cap.saturating_sub(buf.len()).min(chunk.len());
+    let read = stream
+        .read(&mut chunk[..room])
+        .await
+        .map_err(|error| format!("read: {error}"))?;
+    if read == 0 {
+        return Err(if buf.is_empty() {
+            format!("connection closed without a {what}")
+        } else {
+            format!(
+                "connection closed mid-{what} (truncated after {} bytes)",
+                buf.len()
+            )
+        });
+    }
+    buf.extend_from_slice(&chunk[..read]);
+    Ok(())
+}
+
 /// Untrusted bytes made fit for a log line: lossy UTF-8, control characters escaped,
 /// at most `max` characters.
 pub(crate) fn printable(bytes: &[u8], max: usize) -> String {
@@ -182,17 +212,9 @@ pub async fn run(listener: Arc<ListenerState>, shared: Arc<Shared>, token: Cance
                     let probe = Probe {
                         addr,
                         tls: tls.as_ref().map(|tls| {
-                            let host = endpoint.sources.first().and_then(|source| {
-                                match source.parse::<crate::config::Target>() {
-                                    Ok(crate::config::Target::Dns { host, .. }) => Some(host),
-                                    _ => None,
-                                }
-                            });
-                            let name = crate::tls::client::server_name(
-                                &tls.config,
-                                host.as_deref(),
-                                addr.ip(),
-                            );
+                            let target = endpoint.sources.first().map(|source| &**source);
+                            let name =
+                                crate::tls::client::server_name(&tls.config, target, addr.ip());
                             (Arc::clone(tls), name)
                         }),
                     };

@@ -27,7 +27,6 @@
 use super::{Check, CheckResult, Failure, Probe};
 use std::future::Future;
 use std::pin::Pin;
-use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 /// The largest greeting payload accepted.
@@ -114,29 +113,12 @@ pub struct MysqlCheck;
 async fn probe(target: Probe, deadline: Instant) -> CheckResult {
     let mut stream = super::connect(&target, deadline).await?;
     let read = async {
-        // A stack chunk; the buffer grows only as bytes arrive, never from a length.
         let mut buf = Vec::new();
-        let mut chunk = [0u8; 1024];
         loop {
             if let Some(greeting) = parse(&buf)? {
-                return Ok(greeting);
+                return Ok::<_, String>(greeting);
             }
-            let room = (HEADER + MAX_PACKET - buf.len()).min(chunk.len());
-            let read = stream
-                .read(&mut chunk[..room])
-                .await
-                .map_err(|error| format!("read: {error}"))?;
-            if read == 0 {
-                return Err(if buf.is_empty() {
-                    "connection closed without a greeting".to_string()
-                } else {
-                    format!(
-                        "connection closed mid-greeting (truncated after {} bytes)",
-                        buf.len()
-                    )
-                });
-            }
-            buf.extend_from_slice(&chunk[..read]);
+            super::read_more(&mut stream, &mut buf, HEADER + MAX_PACKET, "greeting").await?;
         }
     };
     let greeting = match tokio::time::timeout_at(deadline, read).await {

@@ -146,7 +146,6 @@ async fn read_reply(
     stream: &mut (impl tokio::io::AsyncRead + Unpin),
     buf: &mut Vec<u8>,
 ) -> Result<Reply, String> {
-    let mut chunk = [0u8; 4096];
     loop {
         match parse(buf) {
             Ok(Some((reply, used))) => {
@@ -157,22 +156,7 @@ async fn read_reply(
             Ok(None) => {}
             Err(error) => return Err(error.to_string()),
         }
-        let room = (MAX_REPLY - buf.len()).min(chunk.len());
-        let read = stream
-            .read(&mut chunk[..room])
-            .await
-            .map_err(|error| format!("read: {error}"))?;
-        if read == 0 {
-            return Err(if buf.is_empty() {
-                "connection closed without a reply".to_string()
-            } else {
-                format!(
-                    "connection closed mid-reply (truncated after {} bytes)",
-                    buf.len()
-                )
-            });
-        }
-        buf.extend_from_slice(&chunk[..read]);
+        super::read_more(stream, buf, MAX_REPLY, "reply").await?;
     }
 }
 

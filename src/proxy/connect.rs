@@ -3,7 +3,7 @@
 //! client byte was forwarded, so a retry is always safe. A failed endpoint is passively
 //! ejected with back-off.
 
-use crate::config::{ListenerConfig, Target};
+use crate::config::ListenerConfig;
 use crate::discovery::{monotonic_ms, EndpointSet, EndpointState, Health};
 use crate::state::ListenerState;
 use std::net::SocketAddr;
@@ -76,11 +76,7 @@ async fn dial(
     let Some(tls) = listener.tls.client.load_full() else {
         return Ok(UpstreamStream::Plain(stream));
     };
-    let host = target.and_then(|target| match target.parse::<Target>() {
-        Ok(Target::Dns { host, .. }) => Some(host),
-        _ => None,
-    });
-    let name = crate::tls::client::server_name(&tls.config, host.as_deref(), addr.ip());
+    let name = crate::tls::client::server_name(&tls.config, target, addr.ip());
     let started = Instant::now();
     // Boxed: a handshake's state must not size every plaintext connection's task.
     match Box::pin(tls.connector.connect(name, stream)).await {

@@ -326,28 +326,12 @@ async fn splice_one_way(
     activity: Option<&AtomicU64>,
 ) -> Result<(), DirectionError> {
     loop {
-        // Fill: wait for data without holding a pipe, then take one for this burst.
+        // Wait for data without holding a pipe, then take one for this burst.
         src.readable().await.map_err(DirectionError::Read)?;
         let pipe = splice::take().map_err(DirectionError::Read)?;
-        let mut in_pipe =
-            match src.try_io(Interest::READABLE, || pipe.fill_from(src, splice::CHUNK)) {
-                Ok(0) => {
-                    splice::give_back(pipe);
-                    half_close(dst);
-                    return Ok(());
-                }
-                Ok(filled) => filled,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                    splice::give_back(pipe);
-                    continue;
-                }
-                Err(error) => {
-                    splice::give_back(pipe);
-                    return Err(DirectionError::Read(error));
-                }
-            };
-        // Drain, then keep filling while the source has more, so a busy stream keeps
-        // its pipe and pays no readiness round trip per chunk.
+        let mut in_pipe = 0;
+        // Fill, drain, and keep filling while the source has more, so a busy stream
+        // keeps its pipe and pays no readiness round trip per chunk.
         loop {
             while in_pipe > 0 {
                 dst.writable().await.map_err(DirectionError::Write)?;

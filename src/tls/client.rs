@@ -8,7 +8,7 @@
 
 use super::certs::{self, CertError};
 use super::Expiry;
-use crate::config::TlsClientConfig;
+use crate::config::{Target, TlsClientConfig};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
@@ -76,17 +76,21 @@ pub fn build(
     Ok((client, expiries))
 }
 
-/// The name to send and verify for an endpoint: `sni` when set, else the target's host
-/// name, else the endpoint's IP.
+/// The name to send and verify for an endpoint: `sni` when set, else the host name of
+/// the `dns:` target the endpoint came from (`target`, as written), else its IP.
 pub fn server_name(
     config: &TlsClientConfig,
-    target_host: Option<&str>,
+    target: Option<&str>,
     ip: std::net::IpAddr,
 ) -> ServerName<'static> {
+    let host = target.and_then(|target| match target.parse::<Target>() {
+        Ok(Target::Dns { host, .. }) => Some(host),
+        _ => None,
+    });
     config
         .sni
         .as_deref()
-        .or(target_host)
+        .or(host.as_deref())
         .and_then(|name| ServerName::try_from(name.to_string()).ok())
         .unwrap_or(ServerName::IpAddress(ip.into()))
 }

@@ -99,8 +99,10 @@ pub fn redis_reply(data: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-/// The first packet a MySQL or MariaDB server sent to a health check.
+/// The first packet a MySQL or MariaDB server sent to a health check; the same bytes as
+/// a reply to the check's login (`health.user`).
 pub fn mysql_greeting(data: &[u8]) -> Result<(), String> {
+    let _ = format!("{:?}", mysql::parse_login_reply(data));
     match mysql::parse(data)? {
         Some(greeting) => {
             let _ = format!("{greeting:?}");

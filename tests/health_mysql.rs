@@ -3,7 +3,10 @@
 //! - fails for a Redis port (which never speaks first) and for a port that accepts and stays
 //!   silent, each with a reason that says no greeting came;
 //! - politeness, measured: the checks read the greeting and close; MariaDB counts each in
-//!   `Aborted_connects`/`Aborted_connects_preauth` (printed), and the server keeps serving.
+//!   `Aborted_connects`/`Aborted_connects_preauth`, and the server keeps serving;
+//! - with `user`, against a server that checks grants: the check logs in and leaves with
+//!   `COM_QUIT`, so no abort counter moves; an account the server refuses fails the check
+//!   with the server's reason.
 
 mod common;
 
@@ -171,12 +174,89 @@ fn mysql_check_passes_for_mariadb_and_fails_for_redis_and_a_silent_port() {
     // src/health/mysql.rs) and that it still serves.
     std::thread::sleep(Duration::from_secs(1));
     let after = status(db.addr(), "Aborted_connect");
+    let aborted = counter(&after, "Aborted_connects") - counter(&before, "Aborted_connects");
     println!(
         "mysql check politeness: before {before:?}, after {after:?} (about 5 checks/s); \
-         Aborted_connects +{}",
-        counter(&after, "Aborted_connects") - counter(&before, "Aborted_connects")
+         Aborted_connects +{aborted}"
+    );
+    // What the README warns about, and what `user` is for.
+    assert!(
+        aborted >= 3,
+        "checks without user were not counted as aborted: +{aborted}"
     );
     let output = mariadb_query(legate.addr("db"), "SELECT 1");
     assert!(output.status.success(), "query after the checks failed");
     assert_eq!(endpoint(&legate, "db")["health"], "healthy");
+}
+
+#[test]
+fn mysql_check_with_user_logs_in_and_leaves_without_an_abort() {
+    let db = MariaDb::start_with_grants();
+    let output = mariadb_query(db.addr(), "CREATE USER 'legate'@'127.0.0.1'");
+    assert!(
+        output.status.success(),
+        "CREATE USER: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let before = status(db.addr(), "");
+    let health = r#"{ check = "mysql", user = "legate", interval = "200ms", timeout = "500ms" }"#;
+    let mut legate = Legate::builder()
+        .listener(
+            Listener::new("db")
+                .upstream(db.addr())
+                .set("health", health),
+        )
+        .start();
+    legate.wait_ready(Duration::from_secs(10));
+    let shown = endpoint(&legate, "db");
+    assert_eq!(shown["health"], "healthy", "{shown}");
+    assert!(
+        shown["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("version: ") && d.contains("MariaDB")),
+        "{shown}"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(endpoint(&legate, "db")["health"], "healthy");
+    // Read while legate runs: killing it could cut a check mid-login.
+    let after = status(db.addr(), "");
+    drop(legate);
+    let delta = |name: &str| counter(&after, name) - counter(&before, name);
+    println!(
+        "mysql check with user: Connections +{}, Aborted_connects +{}, Aborted_clients +{}",
+        delta("Connections"),
+        delta("Aborted_connects"),
+        delta("Aborted_clients")
+    );
+    // The status queries themselves are connections too; the checks are most of them.
+    assert!(
+        delta("Connections") >= 5,
+        "too few checks ran: Connections +{}",
+        delta("Connections")
+    );
+    assert_eq!(delta("Aborted_connects"), 0, "a check aborted its login");
+    assert_eq!(delta("Aborted_clients"), 0, "a check left without COM_QUIT");
+
+    // An account the server refuses: the check fails with the server's own reason.
+    let mut legate = Legate::builder()
+        .listener(
+            Listener::new("db")
+                .upstream(db.addr())
+                .set(
+                    "health",
+                    r#"{ check = "mysql", user = "nobody", interval = "200ms", timeout = "500ms" }"#,
+                )
+                .set("required", "false"),
+        )
+        .start();
+    legate.wait_ready(Duration::from_secs(10));
+    eventually(Duration::from_secs(5), "db marked unhealthy", || {
+        endpoint(&legate, "db")["health"] == "unhealthy"
+    });
+    let shown = endpoint(&legate, "db");
+    let error = shown["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("login as \"nobody\" refused: ERR 1045: Access denied for user 'nobody'"),
+        "{shown}"
+    );
 }

@@ -1,4 +1,4 @@
-//! Bytes from a MySQL/MariaDB server to a health check: the greeting parser.
+//! Bytes from a MySQL/MariaDB server to a health check: the greeting and login-reply parsers.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

@@ -132,6 +132,7 @@ struct RawHealth {
     close_on_unhealthy: Option<bool>,
     password: Option<Spanned<String>>,
     password_file: Option<Spanned<Text<FilePath>>>,
+    user: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -736,7 +737,42 @@ fn validate_health(raw: RawHealth, source: &Source<'_>) -> Result<HealthConfig, 
         }
         (None, None) => {}
     }
+    if let Some(user) = raw.user {
+        let span = user.span();
+        if health.check != CheckKind::Mysql {
+            return Err(source.error(
+                span,
+                format!(
+                    "user is only used by the mysql check, not by check = {:?}",
+                    health.check.as_str()
+                ),
+            ));
+        }
+        let user = user.into_inner();
+        health.user = Some(
+            validate_mysql_user(&user)
+                .map(|()| user)
+                .map_err(|why| source.error(span, why))?,
+        );
+    }
     Ok(health)
+}
+
+/// MySQL allows 32 characters in a user name, MariaDB 80 (in UTF-8, up to 4 bytes each).
+fn validate_mysql_user(user: &str) -> Result<(), String> {
+    if user.is_empty() {
+        return Err("the user is empty; leave it out to only read the greeting".into());
+    }
+    if user.chars().count() > 80 {
+        return Err(format!(
+            "the user is {} characters long; MySQL and MariaDB allow at most 80",
+            user.chars().count()
+        ));
+    }
+    if user.chars().any(char::is_control) {
+        return Err("the user contains a control character".into());
+    }
+    Ok(())
 }
 
 fn password_unused(check: CheckKind) -> String {
@@ -1022,6 +1058,7 @@ mod tests {
                 unhealthy_after: 1,
                 close_on_unhealthy: true,
                 password: None,
+                user: Some("legate_check".into()),
             }
         );
         let tls = mysql.tls.as_ref().unwrap();
@@ -1565,6 +1602,45 @@ mod tests {
             5,
             45,
             "the path is empty",
+        );
+    }
+
+    #[test]
+    fn mysql_user() {
+        let listener = listener_ok("health = { check = \"mysql\", user = \"légate\" }");
+        assert_eq!(listener.health.user.as_deref(), Some("légate"));
+        assert_message(
+            &listener_err("health = { check = \"tcp\", user = \"legate\" }"),
+            5,
+            34,
+            "user is only used by the mysql check, not by check = \"tcp\"",
+        );
+        assert_message(
+            &listener_err("health = { user = \"legate\" }"),
+            5,
+            19,
+            "not by check = \"tcp\"",
+        );
+        assert_message(
+            &listener_err("health = { check = \"mysql\", user = \"\" }"),
+            5,
+            36,
+            "the user is empty",
+        );
+        let long = "x".repeat(81);
+        assert_message(
+            &listener_err(&format!(
+                "health = {{ check = \"mysql\", user = \"{long}\" }}"
+            )),
+            5,
+            36,
+            "at most 80",
+        );
+        assert_message(
+            &listener_err("health = { check = \"mysql\", user = \"a\\u0000b\" }"),
+            5,
+            36,
+            "control character",
         );
     }
 

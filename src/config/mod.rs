@@ -130,6 +130,9 @@ pub struct HealthConfig {
     pub close_on_unhealthy: bool,
     /// Redis AUTH password for `redis`/`redis-primary` checks (`password` or `password_file`).
     pub password: Option<Secret>,
+    /// MySQL account (empty password) the `mysql` check logs in as, then leaves with
+    /// `COM_QUIT`; none: the check reads the greeting and closes.
+    pub user: Option<String>,
 }
 
 impl Default for HealthConfig {
@@ -142,6 +145,7 @@ impl Default for HealthConfig {
             unhealthy_after: 2,
             close_on_unhealthy: false,
             password: None,
+            user: None,
         }
     }
 }

@@ -84,7 +84,9 @@ fn checker_for(config: &HealthConfig) -> Option<Arc<dyn Check>> {
         CheckKind::Tcp => Some(Arc::new(tcp::TcpCheck)),
         CheckKind::Redis => Some(Arc::new(redis::RedisCheck::ping(config.password.clone()))),
         CheckKind::RedisPrimary => Some(Arc::new(redis::RedisCheck::role(config.password.clone()))),
-        CheckKind::Mysql => Some(Arc::new(mysql::MysqlCheck)),
+        CheckKind::Mysql => Some(Arc::new(mysql::MysqlCheck {
+            user: config.user.clone(),
+        })),
     }
 }
 

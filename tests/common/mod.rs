@@ -1002,6 +1002,15 @@ pub struct MariaDb {
 
 impl MariaDb {
     pub fn start() -> MariaDb {
+        MariaDb::start_with(false)
+    }
+
+    /// A server that checks accounts: root@127.0.0.1 with no password can create others.
+    pub fn start_with_grants() -> MariaDb {
+        MariaDb::start_with(true)
+    }
+
+    fn start_with(grants: bool) -> MariaDb {
         require_bin("mariadbd", "mariadb-server");
         require_bin("mariadb-install-db", "mariadb-server");
         require_bin("mariadb", "mariadb-client");
@@ -1024,14 +1033,18 @@ impl MariaDb {
         let port = free_port();
         let log_path = dir.path().join("mariadb.log");
         let log = File::create(&log_path).expect("mariadb log");
-        let child = Command::new("mariadbd")
-            .arg("--no-defaults")
+        let mut command = Command::new("mariadbd");
+        // --no-defaults is only honoured as the first argument.
+        command.arg("--no-defaults");
+        if !grants {
+            command.arg("--skip-grant-tables");
+        }
+        let child = command
             .arg(format!("--datadir={}", datadir.display()))
             .arg(format!("--port={port}"))
             .arg("--bind-address=127.0.0.1")
             .arg(format!("--socket={}", dir.path().join("sock").display()))
             .arg(format!("--pid-file={}", dir.path().join("pid").display()))
-            .arg("--skip-grant-tables")
             .arg("--user=root")
             .arg("--skip-log-bin")
             .arg("--skip-name-resolve")

@@ -294,12 +294,23 @@ fn row04_blackholed_endpoint_new_dials_and_mid_stream() {
                     .set("connect_attempts", "1")
                     .set("idle_timeout", "\"2s\""),
             )
+            // No idle_timeout (a database pool's setting): keepalive does not probe a
+            // connection with bytes in flight, tcp_user_timeout must end it.
+            .listener(
+                Listener::new("busy")
+                    .upstream(backend.addr())
+                    .set("health", NO_HEALTH)
+                    .set("tcp_user_timeout", "\"2s\""),
+            )
             .start();
         legate.wait_ready(Duration::from_secs(10));
         let addr = legate.addr("hole");
         let mut held = connect(addr);
         held.write_all(b"before\n").unwrap();
         assert_eq!(read_line(&mut held).unwrap(), "before");
+        let mut busy = connect(legate.addr("busy"));
+        busy.write_all(b"before\n").unwrap();
+        assert_eq!(read_line(&mut busy).unwrap(), "before");
         let probe = Probe::start(&legate);
 
         sh("ip rule add pref 10 from 127.0.0.2 blackhole");
@@ -309,6 +320,20 @@ fn row04_blackholed_endpoint_new_dials_and_mid_stream() {
             closed_within(&mut held, Duration::from_secs(10)),
             "a blackholed connection was not closed"
         );
+        // Established, no idle_timeout, bytes unacknowledged: TCP_USER_TIMEOUT fails the
+        // upstream socket, and the client gets the reset (never a clean end).
+        busy.write_all(b"after\n").unwrap();
+        busy.set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        let started = Instant::now();
+        let mut buf = [0u8; 64];
+        match busy.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!(
+                "a busy blackholed connection after {:?}: {other:?} (wanted a reset)",
+                started.elapsed()
+            ),
+        }
         // New dials: no SYN-ACK ever arrives.
         assert!(turned_away(addr, Duration::from_secs(5)));
         let metrics = legate.metrics();
@@ -335,6 +360,10 @@ fn row04_blackholed_endpoint_new_dials_and_mid_stream() {
             Expect {
                 moved: &[
                     ("legate_idle_timeouts_total", &[("listener", "hole")]),
+                    (
+                        "legate_resets_total",
+                        &[("listener", "busy"), ("from", "upstream")],
+                    ),
                     (
                         CONNECT_ERRORS,
                         &[("listener", "hole"), ("reason", "timeout")],

@@ -114,6 +114,7 @@ struct RawListener {
     connect_timeout: Option<Spanned<Text<Duration>>>,
     connect_attempts: Option<Spanned<u32>>,
     idle_timeout: Option<Spanned<Text<Duration>>>,
+    tcp_user_timeout: Option<Spanned<Text<Duration>>>,
     max_connections: Option<Spanned<usize>>,
     required: Option<bool>,
     health: Option<RawHealth>,
@@ -626,6 +627,15 @@ fn validate_listener(
         }
         listener.idle_timeout = Some(timeout.into_inner().0);
     }
+    if let Some(timeout) = raw.tcp_user_timeout {
+        let span = timeout.span();
+        let timeout = positive(timeout, "tcp_user_timeout", source)?;
+        // The kernel takes milliseconds in a 32-bit int.
+        if timeout > MAX_TCP_USER_TIMEOUT {
+            return Err(source.error(span, "tcp_user_timeout must be at most 24h"));
+        }
+        listener.tcp_user_timeout = timeout;
+    }
     if let Some(max) = raw.max_connections {
         listener.max_connections = at_least_one(max, "max_connections", source)?;
     }
@@ -692,6 +702,8 @@ fn unique_targets(
     }
     Ok(unique)
 }
+
+const MAX_TCP_USER_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 fn validate_health(raw: RawHealth, source: &Source<'_>) -> Result<HealthConfig, ConfigError> {
     let mut health = HealthConfig::default();
@@ -1011,6 +1023,7 @@ mod tests {
         assert_eq!(listener.connect_timeout, secs(1));
         assert_eq!(listener.connect_attempts, 3);
         assert_eq!(listener.idle_timeout, None);
+        assert_eq!(listener.tcp_user_timeout, secs(120));
         assert_eq!(listener.max_connections, 10_000);
         assert!(listener.required);
         assert_eq!(listener.health.check, CheckKind::Tcp);
@@ -1046,6 +1059,7 @@ mod tests {
         assert_eq!(mysql.connect_timeout, Duration::from_millis(250));
         assert_eq!(mysql.connect_attempts, 1);
         assert_eq!(mysql.idle_timeout, Some(secs(8 * 3600)));
+        assert_eq!(mysql.tcp_user_timeout, secs(30));
         assert_eq!(mysql.max_connections, 1);
         assert!(!mysql.required);
         assert_eq!(
@@ -1305,6 +1319,13 @@ mod tests {
         zero("connect_timeout", "connect_timeout = \"0s\"", 19);
         zero("interval", "health = { interval = \"0ms\" }", 23);
         zero("timeout", "health = { timeout = \"0s\" }", 22);
+        zero("tcp_user_timeout", "tcp_user_timeout = \"0s\"", 20);
+        assert_message(
+            &listener_err("tcp_user_timeout = \"25h\""),
+            5,
+            20,
+            "tcp_user_timeout must be at most 24h",
+        );
         assert_message(
             &listener_err("idle_timeout = \"0s\""),
             5,

@@ -65,6 +65,10 @@ pub struct ListenerConfig {
     pub connect_attempts: u32,
     /// Default none: pooled database connections sit idle for hours.
     pub idle_timeout: Option<Duration>,
+    /// TCP_USER_TIMEOUT on both sockets of a connection: how long sent bytes may go
+    /// unacknowledged before the connection is given up. Default 2m, the same as the
+    /// keepalive's 60s + 6 × 10s, so an idle and a busy dead peer are found alike.
+    pub tcp_user_timeout: Duration,
     /// Default 10000; at least 1.
     pub max_connections: usize,
     /// Default true.
@@ -209,6 +213,7 @@ impl ListenerConfig {
             connect_timeout: Duration::from_secs(1),
             connect_attempts: 3,
             idle_timeout: None,
+            tcp_user_timeout: Duration::from_secs(120),
             max_connections: 10_000,
             required: true,
             health: HealthConfig::default(),

@@ -68,11 +68,12 @@ async fn dial(
     listener: &ListenerState,
     addr: SocketAddr,
     target: Option<&str>,
+    user_timeout: std::time::Duration,
 ) -> Result<UpstreamStream, (&'static str, String)> {
     let stream = TcpStream::connect(addr)
         .await
         .map_err(|error| (error_reason(&error), error.to_string()))?;
-    super::tune(&stream);
+    super::tune(&stream, user_timeout);
     let Some(tls) = listener.tls.client.load_full() else {
         return Ok(UpstreamStream::Plain(stream));
     };
@@ -145,6 +146,7 @@ pub async fn connect(
                 listener,
                 endpoint.addr,
                 endpoint.sources.first().map(|s| &**s),
+                config.tcp_user_timeout,
             ),
         )
         .await;

@@ -122,10 +122,13 @@ async fn handle(
     listener: &ListenerState,
     connections: &CancellationToken,
 ) {
-    // On Linux the client socket inherited these from the listener (see `bind`).
-    #[cfg(not(target_os = "linux"))]
-    super::tune(&client);
     let config = listener.config.load_full();
+    // On Linux the client socket inherited the rest from the listener (see `bind`); the
+    // user timeout is per listener config, which a reload may change under the socket.
+    #[cfg(not(target_os = "linux"))]
+    super::tune(&client, config.tcp_user_timeout);
+    #[cfg(target_os = "linux")]
+    super::set_user_timeout(&client, config.tcp_user_timeout);
     // Terminate TLS first (inside this task, under a timeout, so a slow or silent
     // client never stalls the accept loop); then dial.
     let client = match listener.tls.server.load_full() {

@@ -19,8 +19,10 @@ use tokio::net::TcpStream;
 
 /// TCP_NODELAY (requests are forwarded as they come, never held back for Nagle) and
 /// keepalive (a peer that vanished without a FIN is found within about two minutes
-/// even when `idle_timeout` is off) on both sides of every connection.
-pub(crate) fn tune(stream: &TcpStream) {
+/// even when `idle_timeout` is off) on both sides of every connection. Keepalive only
+/// probes an idle connection; `user_timeout` covers the busy one, whose unacknowledged
+/// bytes would otherwise be retransmitted for about 15 minutes (tcp_retries2).
+pub(crate) fn tune(stream: &TcpStream, user_timeout: Duration) {
     let _ = stream.set_nodelay(true);
     let keepalive = TcpKeepalive::new()
         .with_time(Duration::from_secs(60))
@@ -28,4 +30,14 @@ pub(crate) fn tune(stream: &TcpStream) {
     #[cfg(any(target_os = "linux", target_os = "macos"))]
     let keepalive = keepalive.with_retries(6);
     let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
+    set_user_timeout(stream, user_timeout);
+}
+
+/// TCP_USER_TIMEOUT (Linux): a connection whose sent bytes stay unacknowledged this long
+/// fails with ETIMEDOUT, which forwarding passes on as a reset.
+pub(crate) fn set_user_timeout(stream: &TcpStream, timeout: Duration) {
+    #[cfg(target_os = "linux")]
+    let _ = SockRef::from(stream).set_tcp_user_timeout(Some(timeout));
+    #[cfg(not(target_os = "linux"))]
+    let _ = (stream, timeout);
 }

@@ -8,14 +8,11 @@
 mod common;
 
 use common::fault::{assert_same, delta, reset, Expect, Probe};
+use common::tls::*;
 use common::*;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair,
-};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -23,69 +20,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 const HANDSHAKE_ERRORS: &str = "legate_tls_handshake_errors_total";
-
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        Ca {
-            issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap(),
-        }
-    }
-
-    /// A leaf for `names`, valid from `valid.0` to `valid.1` days relative to now.
-    fn leaf(&self, cn: &str, names: &[&str], valid: (i64, i64)) -> (String, String) {
-        let mut params =
-            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now + time::Duration::days(valid.0);
-        params.not_after = now + time::Duration::days(valid.1);
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-fn toml_path(path: &Path) -> String {
-    format!("{:?}", path.display().to_string())
-}
-
-/// `redis-cli --tls PING` against a TLS listener of legate.
-fn redis_cli_tls(addr: SocketAddr, ca: &Path) -> (bool, String) {
-    require_bin("redis-cli", "redis-tools");
-    let mut cmd = Command::new("redis-cli");
-    cmd.args(["-h", "127.0.0.1", "-p", &addr.port().to_string()])
-        .args(["--tls", "--sni", "redis.test", "--cacert"])
-        .arg(ca)
-        .arg("PING");
-    let output = run_with_timeout(cmd, Duration::from_secs(15));
-    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
-    (
-        stdout.contains("PONG"),
-        stdout + &String::from_utf8_lossy(&output.stderr),
-    )
-}
 
 /// `openssl s_client` with extra flags; whether a TLS session was established.
 fn s_client(addr: SocketAddr, ca: &Path, flags: &str) -> (bool, String) {
@@ -102,24 +36,18 @@ fn s_client(addr: SocketAddr, ca: &Path, flags: &str) -> (bool, String) {
 
 /// A TLS-terminating listener in front of a plaintext Redis.
 struct Terminating {
-    dir: tempfile::TempDir,
-    ca_path: PathBuf,
+    files: ServerFiles,
     _redis: RedisServer,
     legate: Legate,
 }
 
 fn terminating(extra: &str) -> Terminating {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new("test ca");
-    let (cert, key) = ca.leaf("redis.test", &["redis.test"], (-1, 365));
-    let ca_path = write(dir.path(), "ca.pem", &ca.pem());
-    let cert_path = write(dir.path(), "srv.pem", &cert);
-    let key_path = write(dir.path(), "srv.key", &key);
+    let files = ServerFiles::new((-1, 365));
     let redis = RedisServer::start();
     let server = format!(
         "{{ cert = {}, key = {}{extra} }}",
-        toml_path(&cert_path),
-        toml_path(&key_path)
+        toml_path(&files.cert_path),
+        toml_path(&files.key_path)
     );
     let mut legate = Legate::builder()
         .listener(
@@ -129,11 +57,10 @@ fn terminating(extra: &str) -> Terminating {
         )
         .start();
     legate.wait_ready(Duration::from_secs(10));
-    let (ok, out) = redis_cli_tls(legate.addr("tls"), &ca_path);
+    let (ok, out) = redis_cli_tls(legate.addr("tls"), &files.ca_path, None);
     assert!(ok, "warm-up TLS client failed: {out}");
     Terminating {
-        dir,
-        ca_path,
+        files,
         _redis: redis,
         legate,
     }
@@ -156,7 +83,7 @@ fn row17_garbage_and_plaintext_on_a_tls_port() {
     let mut plain = connect(addr);
     plain.write_all(b"PING\r\n").unwrap();
     assert!(closed_within(&mut plain, Duration::from_secs(7)));
-    let (ok, out) = redis_cli_tls(addr, &t.ca_path);
+    let (ok, out) = redis_cli_tls(addr, &t.files.ca_path, None);
     assert!(ok, "{out}");
     probe.finish(
         &mut t.legate,
@@ -205,7 +132,7 @@ fn row18_handshake_flood_is_reaped_by_the_handshake_timeout() {
         })
     };
     // A legitimate client is unaffected while all that is pending.
-    let (ok, out) = redis_cli_tls(addr, &t.ca_path);
+    let (ok, out) = redis_cli_tls(addr, &t.files.ca_path, None);
     assert!(ok, "a real client failed during the flood: {out}");
     for s in &mut garbage {
         assert!(closed_within(s, Duration::from_secs(7)));
@@ -243,67 +170,27 @@ fn row18_handshake_flood_is_reaped_by_the_handshake_timeout() {
     );
 }
 
-/// A TLS-only redis-server.
-struct TlsRedis {
-    port: u16,
-    proc: Proc,
-}
-
-impl TlsRedis {
-    fn start(dir: &Path, cert: &Path, key: &Path, ca: &Path, auth_clients: bool) -> TlsRedis {
-        require_bin("redis-server", "redis-server");
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args(["--port", "0", "--tls-port", &port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir)
-            .arg("--tls-cert-file")
-            .arg(cert)
-            .arg("--tls-key-file")
-            .arg(key)
-            .arg("--tls-ca-cert-file")
-            .arg(ca)
-            .args([
-                "--tls-auth-clients",
-                if auth_clients { "yes" } else { "no" },
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server");
-        let proc = Proc {
-            name: "redis-server --tls-port".into(),
-            child,
-        };
-        wait_listening(port, Duration::from_secs(15), "TLS redis-server");
-        TlsRedis { port, proc }
-    }
-}
-
 /// Row 20: a not-yet-valid certificate fails with `not_yet_valid`; an IP endpoint whose
 /// certificate has no IP SAN fails with `name_mismatch`, and the `sni` override makes the
 /// same endpoint work.
 #[test]
 fn row20_not_yet_valid_and_ip_endpoints() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new("test ca");
-    let ca_path = write(dir.path(), "ca.pem", &ca.pem());
-    let (future, future_key) = ca.leaf("redis.test", &["redis.test"], (30, 365));
-    let (named, named_key) = ca.leaf("redis.test", &["redis.test"], (-1, 365));
+    // srv.pem is valid now (the IP endpoints' server); future.pem only in 30 days.
+    let files = ServerFiles::new((-1, 365));
+    let ca_path = &files.ca_path;
+    let (future, future_key) = files.ca.leaf("redis.test", &["redis.test"], (30, 365));
     let future = TlsRedis::start(
-        dir.path(),
-        &write(dir.path(), "future.pem", &future),
-        &write(dir.path(), "future.key", &future_key),
-        &ca_path,
+        files.dir.path(),
+        &files.write("future.pem", &future),
+        &files.write("future.key", &future_key),
+        ca_path,
         false,
     );
     let named = TlsRedis::start(
-        dir.path(),
-        &write(dir.path(), "named.pem", &named),
-        &write(dir.path(), "named.key", &named_key),
-        &ca_path,
+        files.dir.path(),
+        &files.cert_path,
+        &files.key_path,
+        ca_path,
         false,
     );
     let none = r#"{ check = "none" }"#;
@@ -313,26 +200,20 @@ fn row20_not_yet_valid_and_ip_endpoints() {
                 .upstream(local(future.port))
                 .set("health", none)
                 .set("required", "false")
-                .set(
-                    "tls",
-                    &format!(r#"{{ sni = "redis.test", ca = {} }}"#, toml_path(&ca_path)),
-                ),
+                .set("tls", &origination(ca_path)),
         )
         .listener(
             Listener::new("ip")
                 .upstream(local(named.port))
                 .set("health", none)
                 .set("required", "false")
-                .set("tls", &format!(r#"{{ ca = {} }}"#, toml_path(&ca_path))),
+                .set("tls", &format!(r#"{{ ca = {} }}"#, toml_path(ca_path))),
         )
         .listener(
             Listener::new("ip_sni")
                 .upstream(local(named.port))
                 .set("health", none)
-                .set(
-                    "tls",
-                    &format!(r#"{{ sni = "redis.test", ca = {} }}"#, toml_path(&ca_path)),
-                ),
+                .set("tls", &origination(ca_path)),
         )
         .start();
     legate.wait_ready(Duration::from_secs(10));
@@ -426,17 +307,16 @@ impl SServer {
 fn row21_legacy_tls_is_refused_both_ways() {
     let mut t = terminating("");
     let legacy = "-cipher DEFAULT@SECLEVEL=0";
-    let (cert, key) = (t.dir.path().join("srv.pem"), t.dir.path().join("srv.key"));
-    let old_server = SServer::start(&cert, &key, &format!("-tls1_1 {legacy}"));
+    let (cert, key) = (&t.files.cert_path, &t.files.key_path);
+    let old_server = SServer::start(cert, key, &format!("-tls1_1 {legacy}"));
     // A second legate: 1.3-only termination, and origination to the TLS 1.1 server.
-    let ca = toml_path(&t.ca_path);
     let mut second = Legate::builder()
         .listener(Listener::new("only13").upstream(t._redis.addr()).set(
             "tls_server",
             &format!(
                 r#"{{ cert = {}, key = {}, min_version = "1.3" }}"#,
-                toml_path(&cert),
-                toml_path(&key)
+                toml_path(cert),
+                toml_path(key)
             ),
         ))
         .listener(
@@ -444,7 +324,7 @@ fn row21_legacy_tls_is_refused_both_ways() {
                 .upstream(local(old_server.port))
                 .set("health", r#"{ check = "none" }"#)
                 .set("required", "false")
-                .set("tls", &format!(r#"{{ sni = "redis.test", ca = {ca} }}"#)),
+                .set("tls", &origination(&t.files.ca_path)),
         )
         .start();
     second.wait_ready(Duration::from_secs(10));
@@ -452,17 +332,17 @@ fn row21_legacy_tls_is_refused_both_ways() {
     let probe2 = Probe::start(&second);
 
     let addr = t.legate.addr("tls");
-    let (ok, out) = s_client(addr, &t.ca_path, &format!("-tls1_1 {legacy}"));
+    let (ok, out) = s_client(addr, &t.files.ca_path, &format!("-tls1_1 {legacy}"));
     assert!(!ok, "a TLS 1.1 client got a session:\n{out}");
-    let (ok, out) = s_client(addr, &t.ca_path, "-tls1_2");
+    let (ok, out) = s_client(addr, &t.files.ca_path, "-tls1_2");
     assert!(ok, "TLS 1.2 must work by default:\n{out}");
     let only13 = second.addr("only13");
-    let (ok, out) = s_client(only13, &t.ca_path, "-tls1_2");
+    let (ok, out) = s_client(only13, &t.files.ca_path, "-tls1_2");
     assert!(
         !ok,
         "a TLS 1.2 client got a session with min_version 1.3:\n{out}"
     );
-    let (ok, out) = s_client(only13, &t.ca_path, "-tls1_3");
+    let (ok, out) = s_client(only13, &t.files.ca_path, "-tls1_3");
     assert!(ok, "TLS 1.3 must work:\n{out}");
 
     let mut s = connect(second.addr("to_old"));
@@ -501,23 +381,16 @@ fn row21_legacy_tls_is_refused_both_ways() {
 /// never a clean EOF), counted as `legate_resets_total{from="upstream"}`.
 #[test]
 fn row22_truncated_tls_stream_is_passed_on_as_a_reset() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new("test ca");
-    let ca_path = write(dir.path(), "ca.pem", &ca.pem());
-    let (cert, key) = ca.leaf("redis.test", &["redis.test"], (-1, 365));
-    let cert = write(dir.path(), "srv.pem", &cert);
-    let key = write(dir.path(), "srv.key", &key);
-    let mut server = SServer::start(&cert, &key, "");
+    let files = ServerFiles::new((-1, 365));
+    let ca_path = &files.ca_path;
+    let mut server = SServer::start(&files.cert_path, &files.key_path, "");
     let mut legate = Legate::builder()
         .listener(
             Listener::new("tls")
                 .upstream(local(server.port))
                 .set("health", r#"{ check = "none" }"#)
                 .set("required", "false")
-                .set(
-                    "tls",
-                    &format!(r#"{{ sni = "redis.test", ca = {} }}"#, toml_path(&ca_path)),
-                ),
+                .set("tls", &origination(ca_path)),
         )
         .start();
     legate.wait_ready(Duration::from_secs(10));
@@ -571,52 +444,6 @@ fn row22_truncated_tls_stream_is_passed_on_as_a_reset() {
     );
 }
 
-/// Kubernetes-style secret volume: `..vN/{tls.crt,tls.key}`, `..data -> ..vN`, and
-/// `tls.crt -> ..data/tls.crt`.
-struct SecretVolume {
-    dir: PathBuf,
-    version: usize,
-}
-
-impl SecretVolume {
-    fn new(dir: &Path, cert: &str, key: &str) -> SecretVolume {
-        let mut volume = SecretVolume {
-            dir: dir.to_path_buf(),
-            version: 0,
-        };
-        std::fs::create_dir_all(dir).unwrap();
-        volume.swap(cert, key);
-        std::os::unix::fs::symlink("..data/tls.crt", dir.join("tls.crt")).unwrap();
-        std::os::unix::fs::symlink("..data/tls.key", dir.join("tls.key")).unwrap();
-        volume
-    }
-
-    /// The kubelet's AtomicWriter: write a new version directory, re-point `..data`, remove
-    /// the old version.
-    fn swap(&mut self, cert: &str, key: &str) {
-        self.version += 1;
-        let name = format!("..v{}", self.version);
-        let new = self.dir.join(&name);
-        std::fs::create_dir(&new).unwrap();
-        write(&new, "tls.crt", cert);
-        write(&new, "tls.key", key);
-        let tmp = self.dir.join("..data_tmp");
-        std::os::unix::fs::symlink(&name, &tmp).unwrap();
-        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
-        if self.version > 1 {
-            let _ = std::fs::remove_dir_all(self.dir.join(format!("..v{}", self.version - 1)));
-        }
-    }
-
-    fn cert(&self) -> PathBuf {
-        self.dir.join("tls.crt")
-    }
-
-    fn key(&self) -> PathBuf {
-        self.dir.join("tls.key")
-    }
-}
-
 /// Pumps: `threads` clients doing SET/GET of random values through `addr` until stopped;
 /// returns (operations, errors).
 fn pumps(
@@ -665,19 +492,18 @@ fn pumps(
 
 /// Legate originating mTLS to a TLS Redis that requires client certificates, its client
 /// certificate in a secret volume.
-fn mtls_setup(dir: &Path) -> (Ca, SecretVolume, TlsRedis, Legate) {
-    let ca = Ca::new("test ca");
-    let ca_path = write(dir, "ca.pem", &ca.pem());
-    let (srv, srv_key) = ca.leaf("redis.test", &["redis.test"], (-1, 365));
+fn mtls_setup() -> (ServerFiles, SecretVolume, TlsRedis, Legate) {
+    let files = ServerFiles::new((-1, 365));
+    let ca_path = &files.ca_path;
     let redis = TlsRedis::start(
-        dir,
-        &write(dir, "srv.pem", &srv),
-        &write(dir, "srv.key", &srv_key),
-        &ca_path,
+        files.dir.path(),
+        &files.cert_path,
+        &files.key_path,
+        ca_path,
         true,
     );
-    let (cert, key) = ca.leaf("legate-v1", &["legate.test"], (-1, 365));
-    let volume = SecretVolume::new(&dir.join("client"), &cert, &key);
+    let (cert, key) = files.ca.leaf("legate-v1", &["legate.test"], (-1, 365));
+    let volume = SecretVolume::new(&files.dir.path().join("client"), &cert, &key);
     let mut legate = Legate::builder()
         .listener(
             Listener::new("redis")
@@ -690,7 +516,7 @@ fn mtls_setup(dir: &Path) -> (Ca, SecretVolume, TlsRedis, Legate) {
                     "tls",
                     &format!(
                         r#"{{ sni = "redis.test", ca = {}, cert = {}, key = {} }}"#,
-                        toml_path(&ca_path),
+                        toml_path(ca_path),
                         toml_path(&volume.cert()),
                         toml_path(&volume.key())
                     ),
@@ -698,7 +524,7 @@ fn mtls_setup(dir: &Path) -> (Ca, SecretVolume, TlsRedis, Legate) {
         )
         .start();
     legate.wait_ready(Duration::from_secs(15));
-    (ca, volume, redis, legate)
+    (files, volume, redis, legate)
 }
 
 fn tls_reloads(legate: &Legate, result: &str) -> f64 {
@@ -712,8 +538,8 @@ fn tls_reloads(legate: &Legate, result: &str) -> f64 {
 /// pumps (SET/GET with hashes through mTLS): zero pump errors, five good reloads.
 #[test]
 fn row23_certificate_rotation_under_load() {
-    let dir = tempfile::tempdir().unwrap();
-    let (ca, mut volume, _redis, mut legate) = mtls_setup(dir.path());
+    let (files, mut volume, _redis, mut legate) = mtls_setup();
+    let ca = &files.ca;
     let addr = legate.addr("redis");
     let probe = Probe::start(&legate);
     let ok_before = tls_reloads(&legate, "ok");
@@ -755,8 +581,8 @@ fn row23_certificate_rotation_under_load() {
 /// connections work throughout.
 #[test]
 fn row24_broken_rotation_keeps_the_last_good_material() {
-    let dir = tempfile::tempdir().unwrap();
-    let (ca, mut volume, _redis, mut legate) = mtls_setup(dir.path());
+    let (files, mut volume, _redis, mut legate) = mtls_setup();
+    let ca = &files.ca;
     let addr = legate.addr("redis");
     let probe = Probe::start(&legate);
     let mut old = redis_connect(addr).unwrap();

@@ -15,110 +15,18 @@
 
 mod common;
 
+use common::tls::*;
 use common::*;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair,
-};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        Ca {
-            issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap(),
-        }
-    }
-
-    /// A leaf for `names` (DNS names or IPs), valid in [from, to] years relative to now.
-    fn leaf(&self, cn: &str, names: &[&str], valid: (i64, i64)) -> (String, String) {
-        let mut params =
-            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        let now = time_now();
-        params.not_before = now + time::Duration::days(valid.0 * 365);
-        params.not_after = now + time::Duration::days(valid.1 * 365);
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-}
-
-fn time_now() -> time::OffsetDateTime {
-    time::OffsetDateTime::now_utc()
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-/// A TLS-only redis-server (`--port 0`).
-struct TlsRedis {
-    port: u16,
-    _proc: Proc,
-}
-
-impl TlsRedis {
-    fn start(dir: &Path, cert: &Path, key: &Path, ca: &Path, auth_clients: bool) -> TlsRedis {
-        require_bin("redis-server", "redis-server");
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                "0",
-                "--tls-port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-            ])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir)
-            .arg("--tls-cert-file")
-            .arg(cert)
-            .arg("--tls-key-file")
-            .arg(key)
-            .arg("--tls-ca-cert-file")
-            .arg(ca)
-            .args([
-                "--tls-auth-clients",
-                if auth_clients { "yes" } else { "no" },
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn redis-server");
-        let proc = Proc {
-            name: "redis-server --tls-port".into(),
-            child,
-        };
-        wait_listening(port, Duration::from_secs(15), "TLS redis-server");
-        TlsRedis { port, _proc: proc }
-    }
-}
+/// Certificates valid from a year ago to a year from now, and expired ones (from three years
+/// ago to a year ago), in days.
+const CURRENT: (i64, i64) = (-365, 365);
+const EXPIRED: (i64, i64) = (-3 * 365, -365);
 
 /// Send a RESP command through a plaintext connection; the reply's first line.
 fn resp(addr: SocketAddr, command: &str) -> std::io::Result<String> {
@@ -154,19 +62,40 @@ fn tls_listener(name: &str, upstream: u16, tls: &str) -> Listener {
         .set("health", r#"{ check = "none" }"#)
 }
 
+/// A listener terminating TLS (`tls_server`) in front of a plaintext `upstream`.
+fn terminating(name: &str, upstream: SocketAddr, tls_server: &str) -> Listener {
+    Listener::new(name)
+        .upstream(upstream)
+        .fast_health()
+        .set("tls_server", tls_server)
+}
+
+/// A TLS-only redis-server with the server certificate of `files`, trusting its CA.
+fn tls_redis(files: &ServerFiles, auth_clients: bool) -> TlsRedis {
+    TlsRedis::start(
+        files.dir.path(),
+        &files.cert_path,
+        &files.key_path,
+        &files.ca_path,
+        auth_clients,
+    )
+}
+
+/// `legate_tls_cert_expiry_timestamp_seconds{listener,role}` is a plausible unix time.
+fn assert_expiry_exported(metrics: &Metrics, listener: &str, role: &str) {
+    assert!(
+        metrics.value(
+            "legate_tls_cert_expiry_timestamp_seconds",
+            &[("listener", listener), ("role", role)]
+        ) > 1.0e9
+    );
+}
+
 #[test]
 fn origination_to_a_tls_redis_carries_plaintext_resp() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new("test ca");
-    let (cert, key) = ca.leaf("redis.test", &["redis.test"], (-1, 1));
-    let ca_path = write(dir.path(), "ca.pem", &ca.pem());
-    let cert_path = write(dir.path(), "srv.pem", &cert);
-    let key_path = write(dir.path(), "srv.key", &key);
-    let redis = TlsRedis::start(dir.path(), &cert_path, &key_path, &ca_path, false);
-    let tls = format!(
-        r#"{{ sni = "redis.test", ca = {:?} }}"#,
-        ca_path.display().to_string()
-    );
+    let files = ServerFiles::new(CURRENT);
+    let redis = tls_redis(&files, false);
+    let tls = origination(&files.ca_path);
     let mut legate = Legate::builder()
         .listener(tls_listener("redis", redis.port, &tls))
         // The redis check speaks RESP inside TLS, as the traffic does.
@@ -197,36 +126,23 @@ fn origination_to_a_tls_redis_carries_plaintext_resp() {
         metrics.value("legate_splice_bytes_total", &[("listener", "redis")]),
         0.0
     );
-    assert!(
-        metrics.value(
-            "legate_tls_cert_expiry_timestamp_seconds",
-            &[("listener", "redis"), ("role", "ca")]
-        ) > 1.0e9
-    );
+    assert_expiry_exported(&metrics, "redis", "ca");
 }
 
 #[test]
 fn mutual_tls_needs_legates_client_certificate() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new("test ca");
-    let (cert, key) = ca.leaf("redis.test", &["redis.test"], (-1, 1));
-    let (client_cert, client_key) = ca.leaf("legate", &["legate.test"], (-1, 1));
-    let ca_path = write(dir.path(), "ca.pem", &ca.pem());
-    let cert_path = write(dir.path(), "srv.pem", &cert);
-    let key_path = write(dir.path(), "srv.key", &key);
-    let client_cert_path = write(dir.path(), "client.pem", &client_cert);
-    let client_key_path = write(dir.path(), "client.key", &client_key);
-    let redis = TlsRedis::start(dir.path(), &cert_path, &key_path, &ca_path, true);
+    let files = ServerFiles::new(CURRENT);
+    let (client_cert, client_key) = files.ca.leaf("legate", &["legate.test"], CURRENT);
+    let client_cert_path = files.write("client.pem", &client_cert);
+    let client_key_path = files.write("client.key", &client_key);
+    let redis = tls_redis(&files, true);
     let with_cert = format!(
-        r#"{{ sni = "redis.test", ca = {:?}, cert = {:?}, key = {:?} }}"#,
-        ca_path.display().to_string(),
-        client_cert_path.display().to_string(),
-        client_key_path.display().to_string()
+        r#"{{ sni = "redis.test", ca = {}, cert = {}, key = {} }}"#,
+        toml_path(&files.ca_path),
+        toml_path(&client_cert_path),
+        toml_path(&client_key_path)
     );
-    let without_cert = format!(
-        r#"{{ sni = "redis.test", ca = {:?} }}"#,
-        ca_path.display().to_string()
-    );
+    let without_cert = origination(&files.ca_path);
     let legate = Legate::builder()
         .listener(tls_listener("with", redis.port, &with_cert))
         .listener(tls_listener("without", redis.port, &without_cert))
@@ -236,13 +152,7 @@ fn mutual_tls_needs_legates_client_certificate() {
         resp(legate.addr("without"), "PING\r\n").is_err(),
         "redis with tls-auth-clients must refuse legate without a client certificate"
     );
-    let metrics = legate.metrics();
-    assert!(
-        metrics.value(
-            "legate_tls_cert_expiry_timestamp_seconds",
-            &[("listener", "with"), ("role", "client")]
-        ) > 1.0e9
-    );
+    assert_expiry_exported(&legate.metrics(), "with", "client");
 }
 
 /// A backend that records the first bytes of every connection and then closes.
@@ -268,9 +178,9 @@ fn bad_upstream_certificates_fail_are_counted_and_nothing_goes_in_plaintext() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("test ca");
     let other_ca = Ca::new("someone else");
-    let (good, good_key) = ca.leaf("redis.test", &["redis.test"], (-1, 1));
-    let (expired, expired_key) = ca.leaf("redis.test", &["redis.test"], (-3, -1));
-    let (wrong_name, wrong_name_key) = ca.leaf("other.test", &["other.test"], (-1, 1));
+    let (good, good_key) = ca.leaf("redis.test", &["redis.test"], CURRENT);
+    let (expired, expired_key) = ca.leaf("redis.test", &["redis.test"], EXPIRED);
+    let (wrong_name, wrong_name_key) = ca.leaf("other.test", &["other.test"], CURRENT);
     let ca_path = write(dir.path(), "ca.pem", &ca.pem());
     let other_ca_path = write(dir.path(), "other-ca.pem", &other_ca.pem());
     let start = |name: &str, cert: &str, key: &str| {
@@ -282,29 +192,27 @@ fn bad_upstream_certificates_fail_are_counted_and_nothing_goes_in_plaintext() {
     let expired_server = start("expired", &expired, &expired_key);
     let wrong_name_server = start("wrong", &wrong_name, &wrong_name_key);
     let (recording_port, seen) = recording_backend();
-    let trust = |ca: &Path| {
-        format!(
-            r#"{{ sni = "redis.test", ca = {:?} }}"#,
-            ca.display().to_string()
-        )
-    };
     let legate = Legate::builder()
         .listener(tls_listener(
             "wrong_ca",
             good_server.port,
-            &trust(&other_ca_path),
+            &origination(&other_ca_path),
         ))
         .listener(tls_listener(
             "expired",
             expired_server.port,
-            &trust(&ca_path),
+            &origination(&ca_path),
         ))
         .listener(tls_listener(
             "name",
             wrong_name_server.port,
-            &trust(&ca_path),
+            &origination(&ca_path),
         ))
-        .listener(tls_listener("recording", recording_port, &trust(&ca_path)))
+        .listener(tls_listener(
+            "recording",
+            recording_port,
+            &origination(&ca_path),
+        ))
         .start();
     for (listener, reason) in [
         ("wrong_ca", "unknown_issuer"),
@@ -370,77 +278,33 @@ fn served_subject(addr: SocketAddr) -> Option<String> {
     text.contains("CN").then_some(text)
 }
 
-fn redis_cli_tls(addr: SocketAddr, ca: &Path, client: Option<(&Path, &Path)>) -> (bool, String) {
-    require_bin("redis-cli", "redis-tools");
-    let mut cmd = Command::new("redis-cli");
-    cmd.args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &addr.port().to_string(),
-        "--tls",
-        "--sni",
-        "redis.test",
-    ])
-    .arg("--cacert")
-    .arg(ca);
-    if let Some((cert, key)) = client {
-        cmd.arg("--cert").arg(cert).arg("--key").arg(key);
-    }
-    cmd.arg("PING");
-    let output = run_with_timeout(cmd, Duration::from_secs(10));
-    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
-    (
-        stdout.contains("PONG"),
-        stdout + &String::from_utf8_lossy(&output.stderr),
-    )
-}
-
 #[test]
 fn termination_in_front_of_plaintext_redis_with_and_without_client_ca() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new("test ca");
-    let (cert, key) = ca.leaf("redis.test", &["redis.test"], (-1, 1));
-    let (client_cert, client_key) = ca.leaf("app", &["app.test"], (-1, 1));
-    let ca_path = write(dir.path(), "ca.pem", &ca.pem());
-    let cert_path = write(dir.path(), "srv.pem", &cert);
-    let key_path = write(dir.path(), "srv.key", &key);
-    let client_cert_path = write(dir.path(), "client.pem", &client_cert);
-    let client_key_path = write(dir.path(), "client.key", &client_key);
+    let files = ServerFiles::new(CURRENT);
+    let ca_path = &files.ca_path;
+    let (client_cert, client_key) = files.ca.leaf("app", &["app.test"], CURRENT);
+    let client_cert_path = files.write("client.pem", &client_cert);
+    let client_key_path = files.write("client.key", &client_key);
     let redis = RedisServer::start();
-    let server = format!(
-        r#"{{ cert = {:?}, key = {:?} }}"#,
-        cert_path.display().to_string(),
-        key_path.display().to_string()
-    );
+    let server = termination(&files.cert_path, &files.key_path);
     let server_mtls = format!(
-        r#"{{ cert = {:?}, key = {:?}, client_ca = {:?} }}"#,
-        cert_path.display().to_string(),
-        key_path.display().to_string(),
-        ca_path.display().to_string()
+        r#"{{ cert = {}, key = {}, client_ca = {} }}"#,
+        toml_path(&files.cert_path),
+        toml_path(&files.key_path),
+        toml_path(ca_path)
     );
     let mut legate = Legate::builder()
-        .listener(
-            Listener::new("plain_app")
-                .upstream(redis.addr())
-                .fast_health()
-                .set("tls_server", &server),
-        )
-        .listener(
-            Listener::new("mtls_app")
-                .upstream(redis.addr())
-                .fast_health()
-                .set("tls_server", &server_mtls),
-        )
+        .listener(terminating("plain_app", redis.addr(), &server))
+        .listener(terminating("mtls_app", redis.addr(), &server_mtls))
         .start();
     legate.wait_ready(Duration::from_secs(10));
-    let (ok, out) = redis_cli_tls(legate.addr("plain_app"), &ca_path, None);
+    let (ok, out) = redis_cli_tls(legate.addr("plain_app"), ca_path, None);
     assert!(ok, "redis-cli --tls through legate: {out}");
-    let (ok, out) = redis_cli_tls(legate.addr("mtls_app"), &ca_path, None);
+    let (ok, out) = redis_cli_tls(legate.addr("mtls_app"), ca_path, None);
     assert!(!ok, "a client without a certificate must be refused: {out}");
     let (ok, out) = redis_cli_tls(
         legate.addr("mtls_app"),
-        &ca_path,
+        ca_path,
         Some((&client_cert_path, &client_key_path)),
     );
     assert!(ok, "a client with a certificate from client_ca: {out}");
@@ -457,55 +321,29 @@ fn termination_in_front_of_plaintext_redis_with_and_without_client_ca() {
         "{}",
         legate.log()
     );
-    assert!(
-        metrics.value(
-            "legate_tls_cert_expiry_timestamp_seconds",
-            &[("listener", "mtls_app"), ("role", "server")]
-        ) > 1.0e9
-    );
+    assert_expiry_exported(&metrics, "mtls_app", "server");
 }
 
 #[test]
 fn server_certificate_is_reloaded_in_place_and_by_configmap_swap() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("test ca");
-    let volume = dir.path().join("volume");
-    std::fs::create_dir(&volume).unwrap();
+    let leaf = |cn: &str| ca.leaf(cn, &["redis.test"], CURRENT);
     // Kubernetes layout: ..v1/{tls.crt,tls.key}, ..data -> ..v1, tls.crt -> ..data/tls.crt
-    let version = |name: &str, cn: &str| {
-        let (cert, key) = ca.leaf(cn, &["redis.test"], (-1, 1));
-        let path = volume.join(name);
-        std::fs::create_dir(&path).unwrap();
-        write(&path, "tls.crt", &cert);
-        write(&path, "tls.key", &key);
-    };
-    version("..v1", "one");
-    std::os::unix::fs::symlink("..v1", volume.join("..data")).unwrap();
-    std::os::unix::fs::symlink("..data/tls.crt", volume.join("tls.crt")).unwrap();
-    std::os::unix::fs::symlink("..data/tls.key", volume.join("tls.key")).unwrap();
+    let (cert, key) = leaf("one");
+    let mut volume = SecretVolume::new(&dir.path().join("volume"), &cert, &key);
     let redis = RedisServer::start();
-    let server = format!(
-        r#"{{ cert = {:?}, key = {:?} }}"#,
-        volume.join("tls.crt").display().to_string(),
-        volume.join("tls.key").display().to_string()
-    );
+    let server = termination(&volume.cert(), &volume.key());
     let legate = Legate::builder()
-        .listener(
-            Listener::new("app")
-                .upstream(redis.addr())
-                .fast_health()
-                .set("tls_server", &server),
-        )
+        .listener(terminating("app", redis.addr(), &server))
         .start();
     let addr = legate.addr("app");
     let subject = served_subject(addr).expect("a certificate is served");
     assert!(subject.contains("one"), "{subject}");
 
-    // ConfigMap-style swap: new directory, ..data re-pointed atomically.
-    version("..v2", "two");
-    std::os::unix::fs::symlink("..v2", volume.join("..data_tmp")).unwrap();
-    std::fs::rename(volume.join("..data_tmp"), volume.join("..data")).unwrap();
-    std::fs::remove_dir_all(volume.join("..v1")).unwrap();
+    // ConfigMap-style swap: new directory ..v2, ..data re-pointed atomically, ..v1 removed.
+    let (cert, key) = leaf("two");
+    volume.swap(&cert, &key);
     eventually(
         Duration::from_secs(5),
         "the swapped certificate to be served",
@@ -513,9 +351,9 @@ fn server_certificate_is_reloaded_in_place_and_by_configmap_swap() {
     );
 
     // In place: both files rewritten inside the current version directory.
-    let (cert, key) = ca.leaf("three", &["redis.test"], (-1, 1));
-    write(&volume.join("..v2"), "tls.key", &key);
-    write(&volume.join("..v2"), "tls.crt", &cert);
+    let (cert, key) = leaf("three");
+    write(&volume.current(), "tls.key", &key);
+    write(&volume.current(), "tls.crt", &cert);
     eventually(
         Duration::from_secs(5),
         "the rewritten certificate to be served",
@@ -524,7 +362,7 @@ fn server_certificate_is_reloaded_in_place_and_by_configmap_swap() {
 
     // A broken replacement keeps the last good certificate and counts an error.
     write(
-        &volume.join("..v2"),
+        &volume.current(),
         "tls.crt",
         "-----BEGIN CERTIFICATE-----\nnot base64\n",
     );
@@ -550,25 +388,11 @@ fn server_certificate_is_reloaded_in_place_and_by_configmap_swap() {
 
 #[test]
 fn garbage_and_plaintext_on_a_tls_listener_are_closed_and_counted() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new("test ca");
-    let (cert, key) = ca.leaf("redis.test", &["redis.test"], (-1, 1));
-    let ca_path = write(dir.path(), "ca.pem", &ca.pem());
-    let cert_path = write(dir.path(), "srv.pem", &cert);
-    let key_path = write(dir.path(), "srv.key", &key);
+    let files = ServerFiles::new(CURRENT);
     let redis = RedisServer::start();
-    let server = format!(
-        r#"{{ cert = {:?}, key = {:?} }}"#,
-        cert_path.display().to_string(),
-        key_path.display().to_string()
-    );
+    let server = termination(&files.cert_path, &files.key_path);
     let mut legate = Legate::builder()
-        .listener(
-            Listener::new("app")
-                .upstream(redis.addr())
-                .fast_health()
-                .set("tls_server", &server),
-        )
+        .listener(terminating("app", redis.addr(), &server))
         .start();
     legate.wait_ready(Duration::from_secs(10));
     let addr = legate.addr("app");
@@ -581,7 +405,7 @@ fn garbage_and_plaintext_on_a_tls_listener_are_closed_and_counted() {
     let _ = garbage.write_all(&payload(64 * 1024, 7));
     assert!(closed_within(&mut garbage, Duration::from_secs(6)));
     // A real TLS client is unaffected.
-    let (ok, out) = redis_cli_tls(addr, &ca_path, None);
+    let (ok, out) = redis_cli_tls(addr, &files.ca_path, None);
     assert!(ok, "{out}");
     let metrics = legate.metrics();
     let errors: f64 = metrics
@@ -620,35 +444,32 @@ fn start_fails_with(tls_server: &str) -> String {
 fn broken_tls_material_at_start_is_an_error_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("test ca");
-    let (cert, key) = ca.leaf("redis.test", &["redis.test"], (-1, 1));
-    let (_, other_key) = ca.leaf("other", &["other.test"], (-1, 1));
-    let (expired, expired_key) = ca.leaf("old", &["redis.test"], (-3, -1));
+    let (cert, key) = ca.leaf("redis.test", &["redis.test"], CURRENT);
+    let (_, other_key) = ca.leaf("other", &["other.test"], CURRENT);
+    let (expired, expired_key) = ca.leaf("old", &["redis.test"], EXPIRED);
     let cert_path = write(dir.path(), "srv.pem", &cert);
     let key_path = write(dir.path(), "srv.key", &key);
     let other_key_path = write(dir.path(), "other.key", &other_key);
     let expired_path = write(dir.path(), "expired.pem", &expired);
     let expired_key_path = write(dir.path(), "expired.key", &expired_key);
     let not_a_key = write(dir.path(), "not-a-key.pem", &cert);
-    let show = |p: &Path| p.display().to_string();
-    let table =
-        |cert: &Path, key: &Path| format!("{{ cert = {:?}, key = {:?} }}", show(cert), show(key));
 
-    let error = start_fails_with(&table(&cert_path, &other_key_path));
+    let error = start_fails_with(&termination(&cert_path, &other_key_path));
     assert!(
         error.contains("does not match") && error.contains("other.key"),
         "{error}"
     );
-    let error = start_fails_with(&table(&expired_path, &expired_key_path));
+    let error = start_fails_with(&termination(&expired_path, &expired_key_path));
     assert!(
         error.contains("expired") && error.contains("expired.pem"),
         "{error}"
     );
-    let error = start_fails_with(&table(&cert_path, &not_a_key));
+    let error = start_fails_with(&termination(&cert_path, &not_a_key));
     assert!(
         error.contains("no private key") && error.contains("not-a-key.pem"),
         "{error}"
     );
-    let error = start_fails_with(&table(&dir.path().join("missing.pem"), &key_path));
+    let error = start_fails_with(&termination(&dir.path().join("missing.pem"), &key_path));
     assert!(
         error.contains("missing.pem") && error.contains("cannot read"),
         "{error}"

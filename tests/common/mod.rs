@@ -8,6 +8,7 @@
 //! - [`RedisServer`], [`MariaDb`], [`Socat`]: real backends, each killed and waited on Drop.
 //! - [`TcpBackend`]: a tiny in-test TCP server (echo, "say who I am", or any handler).
 //! - [`eventually`] / [`wait_for`]: polling with a deadline; no bare sleeps for readiness.
+//! - [`tls`]: certificates made in the test, a TLS-only redis-server, `redis-cli --tls`.
 //!
 //! A missing server binary is a test failure naming the package to install, never a skip.
 #![allow(dead_code)]
@@ -28,6 +29,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 pub mod fault;
+pub mod tls;
 
 /// The `legate` binary cargo built for these tests.
 pub const LEGATE: &str = env!("CARGO_BIN_EXE_legate");

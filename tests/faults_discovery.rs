@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::dns::{backend_port, Dnsmasq, BACKEND_A, BACKEND_B};
 use common::fault::{delta, Expect, Probe};
 use common::*;
 use std::collections::BTreeSet;
@@ -251,66 +252,6 @@ fn row27_file_deleted_unreadable_and_directory_replaced() {
     );
 }
 
-/// dnsmasq answering from a hosts file only: names under `.local.test` that are not in the
-/// file get NXDOMAIN (`--local`), any other missing name REFUSED (no upstream servers).
-struct Dns {
-    port: u16,
-    hosts: PathBuf,
-    _dir: tempfile::TempDir,
-    proc: Proc,
-}
-
-impl Dns {
-    fn start(hosts: &str) -> Dns {
-        let dnsmasq = ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("dnsmasq is not installed; apt-get install -y dnsmasq");
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("hosts");
-        std::fs::write(&path, hosts).unwrap();
-        // Free for TCP (checked below through /proc/net/tcp) and for UDP.
-        let port = loop {
-            let port = free_port();
-            if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-                break port;
-            }
-        };
-        let child = std::process::Command::new(dnsmasq)
-            .args(["-k", "-p", &port.to_string(), "--listen-address=127.0.0.1"])
-            .args([
-                "--bind-interfaces",
-                "--no-resolv",
-                "--no-hosts",
-                "--local-ttl=1",
-            ])
-            .args(["--local=/local.test/", "--user=root", "--pid-file="])
-            .arg(format!("--addn-hosts={}", path.display()))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn dnsmasq");
-        let proc = Proc {
-            name: "dnsmasq".into(),
-            child,
-        };
-        wait_listening(port, Duration::from_secs(10), "dnsmasq");
-        Dns {
-            port,
-            hosts: path,
-            _dir: dir,
-            proc,
-        }
-    }
-
-    fn set_hosts(&self, hosts: &str) {
-        let tmp = self.hosts.with_extension("tmp");
-        std::fs::write(&tmp, hosts).unwrap();
-        std::fs::rename(&tmp, &self.hosts).unwrap();
-        self.proc.signal(libc::SIGHUP);
-    }
-}
-
 /// Rows 28 and 29: a name that resolved turns NXDOMAIN (row 28), another turns REFUSED
 /// (row 29, a transient server failure): the last good answer stays — traffic keeps flowing
 /// to it, `/ready` stays 200 — and every failed lookup counts
@@ -318,27 +259,19 @@ impl Dns {
 /// answer applies.
 #[test]
 fn row28_29_nxdomain_and_refused_keep_the_last_good_answer() {
-    let port = {
-        // A port free on 127.0.0.2 and 127.0.0.3 alike.
-        let s = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
-        s.local_addr().unwrap().port()
-    };
-    let hello = |ip: &str, id: &'static str| {
-        TcpBackend::start_on(&format!("{ip}:{port}"), move |mut s| {
-            use std::io::Write;
-            let _ = s.write_all(format!("{id}\n").as_bytes());
-            let mut buf = [0u8; 64];
-            let _ = std::io::Read::read(&mut s, &mut buf);
-        })
-    };
-    let _a = hello("127.0.0.2", "a");
-    let _b = hello("127.0.0.3", "b");
-    let dns = Dns::start("127.0.0.2 redis.local.test\n127.0.0.2 redis.other.test\n");
+    let port = backend_port();
+    let _a = TcpBackend::hello_on(&format!("{BACKEND_A}:{port}"), "a");
+    let _b = TcpBackend::hello_on(&format!("{BACKEND_B}:{port}"), "b");
+    // Names under local.test that are not in the file get NXDOMAIN, any other missing name
+    // REFUSED (no upstream servers).
+    let dns = Dnsmasq::start(
+        "127.0.0.2 redis.local.test\n127.0.0.2 redis.other.test\n",
+        1,
+        "local.test",
+        &[],
+    );
     let mut legate = Legate::builder()
-        .raw(&format!(
-            "[dns]\nservers = [\"127.0.0.1:{}\"]\nmin_ttl = \"1s\"\nmax_ttl = \"2s\"\n",
-            dns.port
-        ))
+        .raw(&dns.legate_table("1s", "2s"))
         .listener(
             Listener::new("nx")
                 .upstream(format!("dns:redis.local.test:{port}"))

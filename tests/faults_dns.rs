@@ -7,12 +7,12 @@
 
 mod common;
 
+use common::dns::Dnsmasq;
 use common::fault::{delta, Expect, Probe};
 use common::*;
 use serde_json::Value;
 use std::io::Write;
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -25,98 +25,54 @@ const MIN_REFRESH: Duration = Duration::from_millis(250);
 /// (127.1.x.y) have no listener: nothing but the held connections reaches them.
 const BACKEND_IP: &str = "127.0.0.2";
 
-/// dnsmasq answering from a hosts file only, TTL 0, logging each query to a file.
-struct Dnsmasq {
-    port: u16,
-    hosts: PathBuf,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-    proc: Proc,
+/// dnsmasq answering `NAME` from a hosts file only, TTL 0, logging each query. The name
+/// exists (a TXT record), so a hosts file without it answers NOERROR with no address rather
+/// than NXDOMAIN.
+fn start_dnsmasq(hosts: &str) -> Dnsmasq {
+    Dnsmasq::start(
+        hosts,
+        0,
+        "test.local",
+        &[
+            format!("--txt-record={NAME},legate-fault-test"),
+            "--log-queries".to_string(),
+        ],
+    )
 }
 
-impl Dnsmasq {
-    fn start(hosts: &str) -> Dnsmasq {
-        let binary = ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("dnsmasq is not installed; apt-get install -y dnsmasq");
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("hosts");
-        std::fs::write(&path, hosts).unwrap();
-        let log = dir.path().join("dnsmasq.log");
-        // Free for TCP (checked below through /proc/net/tcp) and for UDP.
-        let port = loop {
-            let port = free_port();
-            if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-                break port;
-            }
-        };
-        let child = std::process::Command::new(binary)
-            .args(["-k", "-p", &port.to_string(), "--listen-address=127.0.0.1"])
-            .args(["--bind-interfaces", "--no-resolv", "--no-hosts"])
-            .args(["--local-ttl=0", "--local=/test.local/", "--user=root"])
-            .arg("--pid-file=")
-            // The name exists (a TXT record), so a hosts file without it answers NOERROR with
-            // no address rather than NXDOMAIN.
-            .arg(format!("--txt-record={NAME},legate-fault-test"))
-            .arg(format!("--addn-hosts={}", path.display()))
-            .arg("--log-queries")
-            .arg(format!("--log-facility={}", log.display()))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn dnsmasq");
-        let proc = Proc {
-            name: "dnsmasq".into(),
-            child,
-        };
-        wait_listening(port, Duration::from_secs(10), "dnsmasq");
-        Dnsmasq {
-            port,
-            hosts: path,
-            log,
-            _dir: dir,
-            proc,
-        }
+/// Replaces the hosts file (atomically, with a SIGHUP to reread it) and ends dnsmasq's TCP
+/// children.
+///
+/// dnsmasq answers each TCP connection in a child forked with a copy of its data, and
+/// the resolver keeps its TCP connection open (it is pooled): without this, every
+/// answer too large for UDP would come from the hosts file as it was when that
+/// connection was opened, for as long as it stays open. A real server does not do that;
+/// the resolver reconnects when the connection is closed under it.
+fn rewrite_hosts(dns: &Dnsmasq, hosts: &str) {
+    dns.set_hosts(hosts);
+    // The reread happens in dnsmasq's event loop, right after the signal.
+    thread::sleep(Duration::from_millis(10));
+    for child in children(dns.proc.pid()) {
+        // SAFETY: kill(2) has no memory-safety preconditions; a child that already
+        // exited is no error worth reporting.
+        unsafe { libc::kill(child as libc::pid_t, libc::SIGKILL) };
     }
+}
 
-    /// Replaces the hosts file atomically, makes dnsmasq reread it, and ends its TCP
-    /// children.
-    ///
-    /// dnsmasq answers each TCP connection in a child forked with a copy of its data, and
-    /// the resolver keeps its TCP connection open (it is pooled): without this, every
-    /// answer too large for UDP would come from the hosts file as it was when that
-    /// connection was opened, for as long as it stays open. A real server does not do that;
-    /// the resolver reconnects when the connection is closed under it.
-    fn set_hosts(&self, hosts: &str) {
-        let tmp = self.hosts.with_extension("tmp");
-        std::fs::write(&tmp, hosts).unwrap();
-        std::fs::rename(&tmp, &self.hosts).unwrap();
-        self.proc.signal(libc::SIGHUP);
-        // The reread happens in dnsmasq's event loop, right after the signal.
-        thread::sleep(Duration::from_millis(10));
-        for child in children(self.proc.pid()) {
-            // SAFETY: kill(2) has no memory-safety preconditions; a child that already
-            // exited is no error worth reporting.
-            unsafe { libc::kill(child as libc::pid_t, libc::SIGKILL) };
-        }
-    }
+/// The query log's length now, to count what is logged after it.
+fn log_offset(dns: &Dnsmasq) -> usize {
+    std::fs::metadata(dns.log_path()).map_or(0, |m| m.len() as usize)
+}
 
-    /// The query log's length now, to count what is logged after it.
-    fn log_offset(&self) -> usize {
-        std::fs::metadata(&self.log).map_or(0, |m| m.len() as usize)
-    }
-
-    /// `query[TYPE] churn.test.local` lines logged between two offsets (TCP queries are
-    /// answered by forked children that log to the same file).
-    fn queries(&self, qtype: &str, from: usize, to: usize) -> usize {
-        let log = std::fs::read(&self.log).unwrap_or_default();
-        let to = to.min(log.len());
-        let needle = format!("query[{qtype}] {NAME} ");
-        String::from_utf8_lossy(&log[from.min(to)..to])
-            .matches(&needle)
-            .count()
-    }
+/// `query[TYPE] churn.test.local` lines logged between two offsets (TCP queries are
+/// answered by forked children that log to the same file).
+fn queries(dns: &Dnsmasq, qtype: &str, from: usize, to: usize) -> usize {
+    let log = std::fs::read(dns.log_path()).unwrap_or_default();
+    let to = to.min(log.len());
+    let needle = format!("query[{qtype}] {NAME} ");
+    String::from_utf8_lossy(&log[from.min(to)..to])
+        .matches(&needle)
+        .count()
 }
 
 /// The processes whose parent is `pid` (from /proc/*/stat).
@@ -202,12 +158,9 @@ fn row31_dns_answer_churn_and_oversized_answers() {
         }
     });
     let port = backend.addr().port();
-    let dns = Dnsmasq::start(&hosts(1));
+    let dns = start_dnsmasq(&hosts(1));
     let mut legate = Legate::builder()
-        .raw(&format!(
-            "[dns]\nservers = [\"127.0.0.1:{}\"]\nmin_ttl = \"0s\"\nmax_ttl = \"2s\"\n",
-            dns.port
-        ))
+        .raw(&dns.legate_table("0s", "2s"))
         .listener(
             Listener::new("churn")
                 .upstream(format!("dns:{NAME}:{port}"))
@@ -238,7 +191,7 @@ fn row31_dns_answer_churn_and_oversized_answers() {
 
     // Churn: every 100 ms a new file (0, 1, 500 records in turn) and a SIGHUP.
     let started = Instant::now();
-    let from = dns.log_offset();
+    let from = log_offset(&dns);
     let period = Duration::from_secs(4);
     let (mut ticks, mut seen_sizes) = (0usize, std::collections::BTreeSet::new());
     // A new size at random each time (never the same twice in a row), so lookups every
@@ -260,7 +213,7 @@ fn row31_dns_answer_churn_and_oversized_answers() {
             (0, _) | (1, 0) => 500,
             _ => 0,
         };
-        dns.set_hosts(&hosts(size));
+        rewrite_hosts(&dns, &hosts(size));
         ticks += 1;
         assert_eq!(legate.get("/live").0, 200, "/live during the churn");
         let set = endpoints(&legate);
@@ -282,12 +235,12 @@ fn row31_dns_answer_churn_and_oversized_answers() {
         }
     }
     let elapsed = started.elapsed();
-    let to = dns.log_offset();
+    let to = log_offset(&dns);
     legate.assert_running();
     // AAAA answers are always empty and small (UDP only): one per lookup. A queries also
     // count the TCP retries of truncated answers.
-    let lookups = dns.queries("AAAA", from, to);
-    let a_queries = dns.queries("A", from, to);
+    let lookups = queries(&dns, "AAAA", from, to);
+    let a_queries = queries(&dns, "A", from, to);
     let floor_bound = (elapsed.as_millis() / MIN_REFRESH.as_millis()) as usize + 3;
     eprintln!(
         "churn: {ticks} rewrites in {elapsed:?}; {lookups} lookups ({a_queries} A queries, UDP and \
@@ -314,12 +267,12 @@ fn row31_dns_answer_churn_and_oversized_answers() {
             &[("source", "dns"), ("result", "error")],
         )
     };
-    dns.set_hosts(&hosts(1));
+    rewrite_hosts(&dns, &hosts(1));
     eventually(Duration::from_secs(10), "back to one endpoint", || {
         endpoints(&legate).len() == 1
     });
     let before = errors(&legate);
-    dns.set_hosts(&hosts(0));
+    rewrite_hosts(&dns, &hosts(0));
     eventually(Duration::from_secs(10), "an empty answer counted", || {
         errors(&legate) >= before + 2.0
     });
@@ -334,7 +287,7 @@ fn row31_dns_answer_churn_and_oversized_answers() {
             .value("legate_dns_truncated_total", &[("listener", "churn")])
     };
     let truncated_before = truncated(&legate);
-    dns.set_hosts(&hosts(1100));
+    rewrite_hosts(&dns, &hosts(1100));
     eventually(Duration::from_secs(10), "1 024 endpoints", || {
         endpoints(&legate).len() == MAX_ENDPOINTS
     });
@@ -356,7 +309,7 @@ fn row31_dns_answer_churn_and_oversized_answers() {
     );
 
     // Back to the one real record: the rest leave, the held connections still work.
-    dns.set_hosts(&hosts(1));
+    rewrite_hosts(&dns, &hosts(1));
     eventually(Duration::from_secs(10), "back to one endpoint", || {
         endpoints(&legate) == [(backend_addr.clone(), HELD as u64)]
     });

@@ -9,6 +9,7 @@
 //! - [`TcpBackend`]: a tiny in-test TCP server (echo, "say who I am", or any handler).
 //! - [`eventually`] / [`wait_for`]: polling with a deadline; no bare sleeps for readiness.
 //! - [`tls`]: certificates made in the test, a TLS-only redis-server, `redis-cli --tls`.
+//! - [`dns`]: a real `dnsmasq` answering from a hosts file.
 //!
 //! A missing server binary is a test failure naming the package to install, never a skip.
 #![allow(dead_code)]
@@ -28,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+pub mod dns;
 pub mod fault;
 pub mod tls;
 
@@ -1239,8 +1241,13 @@ impl TcpBackend {
 
     /// Writes `id\n` on accept, then echoes.
     pub fn hello(id: &str) -> TcpBackend {
+        TcpBackend::hello_on("127.0.0.1:0", id)
+    }
+
+    /// Like [`TcpBackend::hello`], listening on `bind` (e.g. `127.0.0.2:PORT`).
+    pub fn hello_on(bind: &str, id: &str) -> TcpBackend {
         let id = id.to_owned();
-        TcpBackend::start(move |stream| echo_stream(stream, Some(&id)))
+        TcpBackend::start_on(bind, move |stream| echo_stream(stream, Some(&id)))
     }
 
     /// Reads and discards everything; counts the bytes in `total`.

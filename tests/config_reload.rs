@@ -95,6 +95,15 @@ fn write_config_in_place(legate: &Legate, text: &str) {
     file.write_all(text.as_bytes()).unwrap();
 }
 
+/// A ready legate with one listener, `name`, in front of `upstream`.
+fn start_one(name: &str, upstream: SocketAddr) -> Legate {
+    let mut legate = Legate::builder()
+        .listener(Listener::new(name).upstream(upstream).fast_health())
+        .start();
+    legate.wait_ready(T);
+    legate
+}
+
 fn reloads(legate: &Legate, result: &str) -> f64 {
     legate.metrics().value(
         "legate_reloads_total",
@@ -118,21 +127,6 @@ fn listener_names(legate: &Legate) -> Vec<String> {
 // ---------------------------------------------------------------------------------------------
 // Clients
 // ---------------------------------------------------------------------------------------------
-
-/// Connect, read the backend's greeting, close. An empty greeting (closed by the proxy) is an
-/// error.
-fn try_which(addr: SocketAddr) -> Result<String, String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .map_err(|e| format!("connect: {e}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    match read_line(&mut stream) {
-        Ok(id) if !id.is_empty() => Ok(id),
-        Ok(_) => Err("closed without a greeting (rejected)".into()),
-        Err(e) => Err(format!("read: {e}")),
-    }
-}
 
 fn assert_all_reach(addr: SocketAddr, id: &str, connections: usize, context: &str) {
     for n in 0..connections {
@@ -223,6 +217,16 @@ impl Drop for ClientLoop {
             let _ = thread.join();
         }
     }
+}
+
+/// No client operation failed `during` something; shows the first ten failures otherwise.
+fn assert_no_failures(ops: usize, failures: &[String], during: &str) {
+    assert!(
+        failures.is_empty(),
+        "{} of {ops} client operations failed {during}: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(10)]
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -317,10 +321,7 @@ fn a_rewritten_config_adds_removes_and_changes_listeners_keeping_open_connection
 fn a_broken_config_is_refused_whole_and_the_fixed_one_applies() {
     let a = TcpBackend::hello("A");
     let b = TcpBackend::hello("B");
-    let mut legate = Legate::builder()
-        .listener(Listener::new("svc").upstream(a.addr()).fast_health())
-        .start();
-    legate.wait_ready(T);
+    let mut legate = start_one("svc", a.addr());
     let svc = legate.addr("svc");
     let extra = local(free_port());
     let path = legate.config_path.clone().unwrap().display().to_string();
@@ -405,10 +406,7 @@ fn a_broken_config_is_refused_whole_and_the_fixed_one_applies() {
 fn sighup_reloads_the_configuration() {
     let a = TcpBackend::hello("A");
     let b = TcpBackend::hello("B");
-    let mut legate = Legate::builder()
-        .listener(Listener::new("svc").upstream(a.addr()).fast_health())
-        .start();
-    legate.wait_ready(T);
+    let legate = start_one("svc", a.addr());
     let svc = legate.addr("svc");
 
     // New content and SIGHUP at once: whichever path applies it, it applies.
@@ -444,10 +442,7 @@ fn sighup_reloads_the_configuration() {
 #[test]
 fn renaming_a_listener_hands_its_address_over() {
     let a = TcpBackend::hello("A");
-    let mut legate = Legate::builder()
-        .listener(Listener::new("old-name").upstream(a.addr()).fast_health())
-        .start();
-    legate.wait_ready(T);
+    let mut legate = start_one("old-name", a.addr());
     let addr = legate.addr("old-name");
     let mut open = open_to(addr, "A");
 
@@ -470,12 +465,8 @@ fn renaming_a_listener_hands_its_address_over() {
         "rename under load: client operations={ops} failures={}",
         failures.len()
     );
-    assert!(
-        failures.is_empty(),
-        "the port must keep accepting across the rename: {} of {ops} failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(10)]
-    );
+    // The port must keep accepting across the rename.
+    assert_no_failures(ops, &failures, "across the rename");
 
     assert_all_reach(addr, "A", 3, "after the rename");
     eventually(T, "metrics labelled with the new name", || {
@@ -491,10 +482,7 @@ fn renaming_a_listener_hands_its_address_over() {
 #[test]
 fn a_sighup_storm_coalesces_and_fails_no_client() {
     let a = TcpBackend::hello("A");
-    let mut legate = Legate::builder()
-        .listener(Listener::new("svc").upstream(a.addr()).fast_health())
-        .start();
-    legate.wait_ready(T);
+    let mut legate = start_one("svc", a.addr());
     let svc = legate.addr("svc");
     let before = reloads(&legate, "ok") + reloads(&legate, "error");
 
@@ -528,12 +516,7 @@ fn a_sighup_storm_coalesces_and_fails_no_client() {
     );
     assert_eq!(legate.get("/live").0, 200);
     legate.assert_running();
-    assert!(
-        failures.is_empty(),
-        "{} of {ops} client operations failed during the storm: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(10)]
-    );
+    assert_no_failures(ops, &failures, "during the storm");
     assert!(counted >= 1.0, "the storm should reload at least once");
     assert!(
         counted <= 20.0,
@@ -561,12 +544,7 @@ fn a_sighup_storm_coalesces_and_fails_no_client() {
         failures.len()
     );
     assert_eq!(legate.get("/live").0, 200);
-    assert!(
-        failures.is_empty(),
-        "{} of {ops} client operations failed during the sustained storm: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(10)]
-    );
+    assert_no_failures(ops, &failures, "during the sustained storm");
     assert!(counted <= 200.0, "more reloads than SIGHUPs: {counted}");
     assert_eq!(reloads(&legate, "error"), 0.0);
 }

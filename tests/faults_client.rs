@@ -6,13 +6,26 @@ mod common;
 use common::fault::{self, assert_same, delta, in_new_netns, reset, scale, sh, Expect, Probe};
 use common::*;
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 const NO_HEALTH: &str = r#"{ check = "none" }"#;
+
+/// A ready legate with one listener, `svc`, in front of `upstream`, without health checks.
+fn svc_without_health(upstream: SocketAddr) -> Legate {
+    let mut legate = Legate::builder()
+        .listener(
+            Listener::new("svc")
+                .upstream(upstream)
+                .set("health", NO_HEALTH),
+        )
+        .start();
+    legate.wait_ready(Duration::from_secs(10));
+    legate
+}
 
 /// Row 11: the client sends `PING`, half-closes and reads: the FIN reaches the backend as a
 /// half-close, and its answer, sent 2 s later, still reaches the client.
@@ -29,14 +42,7 @@ fn row11_client_half_close_gets_a_delayed_answer() {
             let _ = s.write_all(b"+PONG\r\n");
         })
     };
-    let mut legate = Legate::builder()
-        .listener(
-            Listener::new("svc")
-                .upstream(backend.addr())
-                .set("health", NO_HEALTH),
-        )
-        .start();
-    legate.wait_ready(Duration::from_secs(10));
+    let mut legate = svc_without_health(backend.addr());
     let probe = Probe::start(&legate);
     let mut client = connect(legate.addr("svc"));
     client.write_all(b"PING\r\n").unwrap();
@@ -71,14 +77,7 @@ fn row12_client_reset_mid_stream_releases_everything() {
             *upstream_failed.lock().unwrap() = Some(Instant::now());
         })
     };
-    let mut legate = Legate::builder()
-        .listener(
-            Listener::new("svc")
-                .upstream(backend.addr())
-                .set("health", NO_HEALTH),
-        )
-        .start();
-    legate.wait_ready(Duration::from_secs(10));
+    let mut legate = svc_without_health(backend.addr());
     let probe = Probe::start(&legate);
     for _ in 0..3 {
         *upstream_failed.lock().unwrap() = None;
@@ -133,14 +132,7 @@ fn row13_slow_reader_backpressure_bounds_memory() {
             let _ = s.shutdown(Shutdown::Write);
         })
     };
-    let mut legate = Legate::builder()
-        .listener(
-            Listener::new("svc")
-                .upstream(backend.addr())
-                .set("health", NO_HEALTH),
-        )
-        .start();
-    legate.wait_ready(Duration::from_secs(10));
+    let mut legate = svc_without_health(backend.addr());
     let probe = Probe::start(&legate);
     let mut client = connect(legate.addr("svc"));
     client.write_all(b"g").unwrap();
@@ -331,14 +323,7 @@ fn row15_many_idle_connections_cost_little() {
 #[test]
 fn row16_connection_churn_returns_to_baseline() {
     let backend = TcpBackend::echo();
-    let mut legate = Legate::builder()
-        .listener(
-            Listener::new("svc")
-                .upstream(backend.addr())
-                .set("health", NO_HEALTH),
-        )
-        .start();
-    legate.wait_ready(Duration::from_secs(10));
+    let mut legate = svc_without_health(backend.addr());
     let addr = legate.addr("svc");
     assert_eq!(echo_roundtrip(addr, "warm").unwrap(), "warm");
     let probe = Probe::start(&legate);

@@ -158,21 +158,6 @@ fn line(addr: SocketAddr) -> String {
 // Clients
 // ---------------------------------------------------------------------------------------------
 
-/// One client operation: connect, read the backend's greeting, close. An empty greeting
-/// (the proxy closed the connection) is an error.
-fn try_which(addr: SocketAddr) -> Result<String, String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .map_err(|e| format!("connect: {e}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    match read_line(&mut stream) {
-        Ok(id) if !id.is_empty() => Ok(id),
-        Ok(_) => Err("closed without a greeting (rejected)".into()),
-        Err(e) => Err(format!("read: {e}")),
-    }
-}
-
 fn which(addr: SocketAddr) -> String {
     try_which(addr).unwrap_or_else(|e| panic!("a connection via {addr} failed: {e}"))
 }
@@ -246,6 +231,43 @@ fn start_with(listener: Listener) -> Legate {
     Legate::builder().listener(listener).start()
 }
 
+/// A ready legate with two listeners: `plain` following `plain`, `cm` following `configmap`.
+fn start_plain_and_cm(plain: &EndpointFile, configmap: &EndpointFile) -> Legate {
+    let mut legate = Legate::builder()
+        .listener(
+            Listener::new("plain")
+                .upstream(plain.target())
+                .fast_health(),
+        )
+        .listener(
+            Listener::new("cm")
+                .upstream(configmap.target())
+                .fast_health(),
+        )
+        .start();
+    legate.wait_ready(T);
+    legate
+}
+
+/// An endpoint file (updated by `method`) naming `backend`, and a ready legate whose listener
+/// `svc` follows it; returns the file, legate and the listener's address.
+fn serve_file(method: Method, backend: SocketAddr) -> (EndpointFile, Legate, SocketAddr) {
+    let file = EndpointFile::new(method, &line(backend));
+    let mut legate = start_legate(&file.target());
+    legate.wait_ready(T);
+    let listen = legate.addr("svc");
+    (file, legate, listen)
+}
+
+/// For `duration`, every new connection via `addr` reaches `id`.
+fn assert_stays_on(addr: SocketAddr, id: &str, duration: Duration, context: &str) {
+    let until = Instant::now() + duration;
+    while Instant::now() < until {
+        assert_eq!(try_which(addr).as_deref(), Ok(id), "{context}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Switching A <-> B
 // ---------------------------------------------------------------------------------------------
@@ -253,10 +275,7 @@ fn start_with(listener: Listener) -> Legate {
 fn switch_repeatedly(method: Method, swaps: usize) {
     let a = TcpBackend::hello("A");
     let b = TcpBackend::hello("B");
-    let mut file = EndpointFile::new(method, &line(a.addr()));
-    let mut legate = start_legate(&file.target());
-    legate.wait_ready(T);
-    let listen = legate.addr("svc");
+    let (mut file, mut legate, listen) = serve_file(method, a.addr());
     assert_all_reach(listen, "A", 5, "before any change");
 
     let mut delays = Vec::new();
@@ -324,19 +343,7 @@ fn real_redis_servers_follow_the_file() {
     }
     let mut plain = EndpointFile::new(Method::Rename, &line(servers[0].addr()));
     let mut configmap = EndpointFile::new(Method::ConfigMap, &line(servers[0].addr()));
-    let mut legate = Legate::builder()
-        .listener(
-            Listener::new("plain")
-                .upstream(plain.target())
-                .fast_health(),
-        )
-        .listener(
-            Listener::new("cm")
-                .upstream(configmap.target())
-                .fast_health(),
-        )
-        .start();
-    legate.wait_ready(T);
+    let legate = start_plain_and_cm(&plain, &configmap);
     let who = |addr: SocketAddr| -> Result<String, String> {
         let mut con = redis_connect(addr).map_err(|e| e.to_string())?;
         redis::cmd("GET")
@@ -378,22 +385,16 @@ fn real_redis_servers_follow_the_file() {
 fn a_deleted_file_keeps_the_last_set_and_its_recreation_applies() {
     let a = TcpBackend::hello("A");
     let b = TcpBackend::hello("B");
-    let mut file = EndpointFile::new(Method::InPlace, &line(a.addr()));
-    let mut legate = start_legate(&file.target());
-    legate.wait_ready(T);
-    let listen = legate.addr("svc");
+    let (mut file, legate, listen) = serve_file(Method::InPlace, a.addr());
 
     file.remove();
     // Longer than the debounce and a health-check round: nothing may change.
-    let until = Instant::now() + Duration::from_millis(1200);
-    while Instant::now() < until {
-        assert_eq!(
-            try_which(listen).as_deref(),
-            Ok("A"),
-            "with the file deleted, the last good set must stay"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    assert_stays_on(
+        listen,
+        "A",
+        Duration::from_millis(1200),
+        "with the file deleted, the last good set must stay",
+    );
     assert_eq!(
         legate.get("/ready").0,
         200,
@@ -462,10 +463,7 @@ fn a_configmap_missing_at_start_is_followed_once_mounted() {
 fn a_malformed_file_keeps_the_old_set_and_counts_an_error() {
     let a = TcpBackend::hello("A");
     let b = TcpBackend::hello("B");
-    let mut file = EndpointFile::new(Method::Rename, &line(a.addr()));
-    let mut legate = start_legate(&file.target());
-    legate.wait_ready(T);
-    let listen = legate.addr("svc");
+    let (mut file, mut legate, listen) = serve_file(Method::Rename, a.addr());
     assert_all_reach(listen, "A", 3, "at start");
 
     // Each bad file also names B on a good line, so a partly applied file would show.
@@ -517,22 +515,16 @@ fn a_malformed_file_keeps_the_old_set_and_counts_an_error() {
 #[test]
 fn a_zero_byte_file_is_ignored() {
     let a = TcpBackend::hello("A");
-    let mut file = EndpointFile::new(Method::InPlace, &line(a.addr()));
-    let mut legate = start_legate(&file.target());
-    legate.wait_ready(T);
-    let listen = legate.addr("svc");
+    let (mut file, legate, listen) = serve_file(Method::InPlace, a.addr());
     let errors = file_error_count(&legate);
 
     file.write(b"");
-    let until = Instant::now() + Duration::from_millis(1200);
-    while Instant::now() < until {
-        assert_eq!(
-            try_which(listen).as_deref(),
-            Ok("A"),
-            "a zero-byte file is a write in progress: the old set stays"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    assert_stays_on(
+        listen,
+        "A",
+        Duration::from_millis(1200),
+        "a zero-byte file is a write in progress: the old set stays",
+    );
     assert_eq!(legate.get("/ready").0, 200);
     assert_eq!(
         file_error_count(&legate),
@@ -544,10 +536,7 @@ fn a_zero_byte_file_is_ignored() {
 #[test]
 fn a_comment_only_file_empties_the_set_on_purpose() {
     let a = TcpBackend::hello("A");
-    let mut file = EndpointFile::new(Method::Rename, &line(a.addr()));
-    let mut legate = start_legate(&file.target());
-    legate.wait_ready(T);
-    let listen = legate.addr("svc");
+    let (mut file, mut legate, listen) = serve_file(Method::Rename, a.addr());
     let errors = file_error_count(&legate);
     let rejected = |legate: &Legate| {
         legate.metrics().value(
@@ -589,10 +578,7 @@ fn a_comment_only_file_empties_the_set_on_purpose() {
 fn crlf_lines_work() {
     let a = TcpBackend::hello("A");
     let b = TcpBackend::hello("B");
-    let mut file = EndpointFile::new(Method::Rename, &line(a.addr()));
-    let mut legate = start_legate(&file.target());
-    legate.wait_ready(T);
-    let listen = legate.addr("svc");
+    let (mut file, legate, listen) = serve_file(Method::Rename, a.addr());
     let errors = file_error_count(&legate);
 
     file.write(format!(
@@ -680,19 +666,7 @@ fn a_hundred_swaps_under_load_fail_no_client_operation() {
     let b = TcpBackend::hello("B");
     let mut plain = EndpointFile::new(Method::Rename, &line(a.addr()));
     let mut configmap = EndpointFile::new(Method::ConfigMap, &line(a.addr()));
-    let mut legate = Legate::builder()
-        .listener(
-            Listener::new("plain")
-                .upstream(plain.target())
-                .fast_health(),
-        )
-        .listener(
-            Listener::new("cm")
-                .upstream(configmap.target())
-                .fast_health(),
-        )
-        .start();
-    legate.wait_ready(T);
+    let mut legate = start_plain_and_cm(&plain, &configmap);
     let listeners = [legate.addr("plain"), legate.addr("cm")];
 
     // Long-lived connections, opened before the swaps (to A), used after them.

@@ -203,6 +203,21 @@ pub fn echo_roundtrip(addr: SocketAddr, line: &str) -> io::Result<String> {
     read_line(&mut stream)
 }
 
+/// One client operation against [`TcpBackend::hello`] backends behind `addr`: connect, read
+/// the greeting, close. An empty greeting (the proxy closed the connection) is an error.
+pub fn try_which(addr: SocketAddr) -> Result<String, String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    match read_line(&mut stream) {
+        Ok(id) if !id.is_empty() => Ok(id),
+        Ok(_) => Err("closed without a greeting (rejected)".into()),
+        Err(e) => Err(format!("read: {e}")),
+    }
+}
+
 pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     Sha256::digest(data)

@@ -38,6 +38,20 @@ fn dnsmasq(hosts: &str, srv: &[String]) -> Dnsmasq {
     Dnsmasq::start(hosts, 1, "test.local", &srv)
 }
 
+/// dnsmasq answering `_redis._tcp.test.local` with SRV records for `targets` on `port`, in
+/// this order: (host, priority), weight 10 each; `host1.test.local` is 127.0.0.2 and
+/// `host2.test.local` 127.0.0.3.
+fn srv_dnsmasq(port: u16, targets: [(&str, u16); 2]) -> Dnsmasq {
+    let records: Vec<String> = targets
+        .iter()
+        .map(|(host, priority)| format!("_redis._tcp.test.local,{host},{port},{priority},10"))
+        .collect();
+    dnsmasq(
+        "127.0.0.2 host1.test.local\n127.0.0.3 host2.test.local\n",
+        &records,
+    )
+}
+
 /// Connects through legate and returns the backend's name, or `None` if the connection
 /// was refused or closed without a name (no endpoint eligible).
 fn who(addr: SocketAddr) -> Option<String> {
@@ -150,6 +164,20 @@ health = {{ check = "tcp", interval = "200ms", timeout = "200ms" }}
             })
             .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
+    }
+
+    fn wait_ready(&self, timeout: Duration) {
+        wait_for(timeout, "/ready 200", || {
+            (self.ready().0 == 200).then_some(())
+        });
+    }
+
+    /// Waits until `/endpoints` shows at least `count` healthy endpoints.
+    fn wait_healthy(&self, count: usize, timeout: Duration) {
+        wait_for(timeout, &format!("{count} healthy endpoints"), || {
+            let (_, body) = http(self.admin, "GET", "/endpoints").ok()?;
+            (body.matches("\"healthy\"").count() >= count).then_some(())
+        });
     }
 
     /// Waits until a new connection through legate reaches `backend`; returns how long it took.
@@ -283,9 +311,7 @@ fn nxdomain_at_start_is_not_fatal_and_ready_follows_the_name() {
     assert!(legate.dns_reloads("error") >= 1.0);
 
     dns.set_hosts("127.0.0.9 other.test.local\n127.0.0.2 redis.test.local\n");
-    wait_for(Duration::from_secs(10), "/ready 200", || {
-        (legate.ready().0 == 200).then_some(())
-    });
+    legate.wait_ready(Duration::from_secs(10));
     assert_eq!(who(legate.listen).as_deref(), Some("A"));
 }
 
@@ -294,22 +320,11 @@ fn srv_same_priority_targets_share_traffic() {
     let port = backend_port();
     let _a = backend(BACKEND_A, port, "A");
     let _b = backend(BACKEND_B, port, "B");
-    let dns = dnsmasq(
-        "127.0.0.2 host1.test.local\n127.0.0.3 host2.test.local\n",
-        &[
-            format!("_redis._tcp.test.local,host1.test.local,{port},0,10"),
-            format!("_redis._tcp.test.local,host2.test.local,{port},0,10"),
-        ],
-    );
+    let dns = srv_dnsmasq(port, [("host1.test.local", 0), ("host2.test.local", 0)]);
     let legate = Legate::start(&dns, "srv:_redis._tcp.test.local");
-    wait_for(Duration::from_secs(10), "/ready 200", || {
-        (legate.ready().0 == 200).then_some(())
-    });
+    legate.wait_ready(Duration::from_secs(10));
     // Both endpoints must be healthy before the split is fair.
-    wait_for(Duration::from_secs(5), "both SRV targets healthy", || {
-        let (_, body) = http(legate.admin, "GET", "/endpoints").ok()?;
-        (body.matches("\"healthy\"").count() >= 2).then_some(())
-    });
+    legate.wait_healthy(2, Duration::from_secs(5));
     let (mut a, mut b) = (0, 0);
     for _ in 0..20 {
         match who(legate.listen).as_deref() {
@@ -326,20 +341,11 @@ fn srv_lower_priority_number_wins_and_the_other_is_failover() {
     let port = backend_port();
     let a = backend(BACKEND_A, port, "A");
     let _b = backend(BACKEND_B, port, "B");
-    let dns = dnsmasq(
-        "127.0.0.2 host1.test.local\n127.0.0.3 host2.test.local\n",
-        &[
-            format!("_redis._tcp.test.local,host2.test.local,{port},20,10"),
-            format!("_redis._tcp.test.local,host1.test.local,{port},10,10"),
-        ],
-    );
+    let dns = srv_dnsmasq(port, [("host2.test.local", 20), ("host1.test.local", 10)]);
     let legate = Legate::start(&dns, "srv:_redis._tcp.test.local");
     legate.wait_backend("A", Duration::from_secs(10));
     // Give the backup time to turn healthy too: it still must get nothing.
-    wait_for(Duration::from_secs(5), "both SRV targets healthy", || {
-        let (_, body) = http(legate.admin, "GET", "/endpoints").ok()?;
-        (body.matches("\"healthy\"").count() >= 2).then_some(())
-    });
+    legate.wait_healthy(2, Duration::from_secs(5));
     for _ in 0..20 {
         assert_eq!(who(legate.listen).as_deref(), Some("A"));
     }

@@ -115,6 +115,7 @@ struct RawListener {
     connect_attempts: Option<Spanned<u32>>,
     idle_timeout: Option<Spanned<Text<Duration>>>,
     tcp_user_timeout: Option<Spanned<Text<Duration>>>,
+    socket_buffer: Option<Spanned<u64>>,
     max_connections: Option<Spanned<usize>>,
     required: Option<bool>,
     health: Option<RawHealth>,
@@ -636,6 +637,20 @@ fn validate_listener(
         }
         listener.tcp_user_timeout = timeout;
     }
+    if let Some(size) = raw.socket_buffer {
+        let span = size.span();
+        let size = size.into_inner();
+        if !(MIN_SOCKET_BUFFER..=MAX_SOCKET_BUFFER).contains(&size) {
+            return Err(source.error(
+                span,
+                format!(
+                    "socket_buffer is {size} bytes; it must be from {MIN_SOCKET_BUFFER} (4 KiB) \
+                     to {MAX_SOCKET_BUFFER} (64 MiB); leave it out for the kernel's autotuning"
+                ),
+            ));
+        }
+        listener.socket_buffer = u32::try_from(size).ok();
+    }
     if let Some(max) = raw.max_connections {
         listener.max_connections = at_least_one(max, "max_connections", source)?;
     }
@@ -703,6 +718,8 @@ fn unique_targets(
     Ok(unique)
 }
 
+const MIN_SOCKET_BUFFER: u64 = 4096;
+const MAX_SOCKET_BUFFER: u64 = 64 << 20;
 const MAX_TCP_USER_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 fn validate_health(raw: RawHealth, source: &Source<'_>) -> Result<HealthConfig, ConfigError> {
@@ -1024,6 +1041,7 @@ mod tests {
         assert_eq!(listener.connect_attempts, 3);
         assert_eq!(listener.idle_timeout, None);
         assert_eq!(listener.tcp_user_timeout, secs(120));
+        assert_eq!(listener.socket_buffer, None);
         assert_eq!(listener.max_connections, 10_000);
         assert!(listener.required);
         assert_eq!(listener.health.check, CheckKind::Tcp);
@@ -1060,6 +1078,7 @@ mod tests {
         assert_eq!(mysql.connect_attempts, 1);
         assert_eq!(mysql.idle_timeout, Some(secs(8 * 3600)));
         assert_eq!(mysql.tcp_user_timeout, secs(30));
+        assert_eq!(mysql.socket_buffer, Some(65536));
         assert_eq!(mysql.max_connections, 1);
         assert!(!mysql.required);
         assert_eq!(
@@ -1623,6 +1642,34 @@ mod tests {
             5,
             45,
             "the path is empty",
+        );
+    }
+
+    #[test]
+    fn socket_buffer_bounds() {
+        assert_eq!(
+            listener_ok("socket_buffer = 4096").socket_buffer,
+            Some(4096)
+        );
+        assert_eq!(
+            listener_ok("socket_buffer = 67108864").socket_buffer,
+            Some(64 << 20)
+        );
+        for bad in ["0", "4095", "67108865", "1099511627776"] {
+            assert_message(
+                &listener_err(&format!("socket_buffer = {bad}")),
+                5,
+                17,
+                "it must be from 4096 (4 KiB) to 67108864 (64 MiB)",
+            );
+        }
+        let (line, _, message) = listener_err("socket_buffer = -1");
+        assert_eq!(line, 5, "{message}");
+        let (line, _, message) = listener_err("socket_buffer = \"64KiB\"");
+        assert_eq!(line, 5, "{message}");
+        assert!(
+            message.contains("invalid type: string \"64KiB\""),
+            "{message}"
         );
     }
 

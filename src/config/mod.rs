@@ -69,6 +69,9 @@ pub struct ListenerConfig {
     /// unacknowledged before the connection is given up. Default 2m, the same as the
     /// keepalive's 60s + 6 × 10s, so an idle and a busy dead peer are found alike.
     pub tcp_user_timeout: Duration,
+    /// SO_SNDBUF/SO_RCVBUF in bytes on both sockets; default none: the kernel autotunes
+    /// (up to net.ipv4.tcp_rmem/tcp_wmem's maximum, megabytes per socket).
+    pub socket_buffer: Option<u32>,
     /// Default 10000; at least 1.
     pub max_connections: usize,
     /// Default true.
@@ -214,6 +217,7 @@ impl ListenerConfig {
             connect_attempts: 3,
             idle_timeout: None,
             tcp_user_timeout: Duration::from_secs(120),
+            socket_buffer: None,
             max_connections: 10_000,
             required: true,
             health: HealthConfig::default(),

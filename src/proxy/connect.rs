@@ -68,12 +68,23 @@ async fn dial(
     listener: &ListenerState,
     addr: SocketAddr,
     target: Option<&str>,
-    user_timeout: std::time::Duration,
+    config: &ListenerConfig,
 ) -> Result<UpstreamStream, (&'static str, String)> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|error| (error_reason(&error), error.to_string()))?;
-    super::tune(&stream, user_timeout);
+    let failed = |error: std::io::Error| (error_reason(&error), error.to_string());
+    let stream = match config.socket_buffer {
+        None => TcpStream::connect(addr).await.map_err(failed)?,
+        // Before connect, so the window offered in the handshake already fits.
+        Some(size) => {
+            let socket = match addr {
+                SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+                SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+            }
+            .map_err(failed)?;
+            super::set_buffers(&socket, size);
+            socket.connect(addr).await.map_err(failed)?
+        }
+    };
+    super::tune(&stream, config.tcp_user_timeout);
     let Some(tls) = listener.tls.client.load_full() else {
         return Ok(UpstreamStream::Plain(stream));
     };
@@ -146,7 +157,7 @@ pub async fn connect(
                 listener,
                 endpoint.addr,
                 endpoint.sources.first().map(|s| &**s),
-                config.tcp_user_timeout,
+                config,
             ),
         )
         .await;

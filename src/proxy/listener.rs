@@ -129,6 +129,9 @@ async fn handle(
     super::tune(&client, config.tcp_user_timeout);
     #[cfg(target_os = "linux")]
     super::set_user_timeout(&client, config.tcp_user_timeout);
+    if let Some(size) = config.socket_buffer {
+        super::set_buffers(&client, size);
+    }
     // Terminate TLS first (inside this task, under a timeout, so a slow or silent
     // client never stalls the accept loop); then dial.
     let client = match listener.tls.server.load_full() {

@@ -33,6 +33,15 @@ pub(crate) fn tune(stream: &TcpStream, user_timeout: Duration) {
     set_user_timeout(stream, user_timeout);
 }
 
+/// SO_SNDBUF and SO_RCVBUF (`socket_buffer`): a fixed size instead of the kernel's
+/// autotuning, so the kernel memory a stalled connection can hold is bounded (the kernel
+/// doubles the value for its bookkeeping and caps it at net.core.wmem_max/rmem_max).
+pub(crate) fn set_buffers<S: std::os::fd::AsFd>(socket: &S, size: u32) {
+    let socket = SockRef::from(socket);
+    let _ = socket.set_send_buffer_size(size as usize);
+    let _ = socket.set_recv_buffer_size(size as usize);
+}
+
 /// TCP_USER_TIMEOUT (Linux): a connection whose sent bytes stay unacknowledged this long
 /// fails with ETIMEDOUT, which forwarding passes on as a reset.
 pub(crate) fn set_user_timeout(stream: &TcpStream, timeout: Duration) {

@@ -18,10 +18,10 @@
 mod common;
 
 use common::dns::{backend_port, Dnsmasq, BACKEND_A, BACKEND_B};
-use common::{free_port, http, local, wait_for, Proc, TcpBackend};
+use common::{free_port, http, legate_command, local, wait_for, Proc, TcpBackend};
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::thread;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
@@ -104,7 +104,7 @@ health = {{ check = "tcp", interval = "200ms", timeout = "200ms" }}
         let config_path = dir.path().join("legate.toml");
         std::fs::write(&config_path, config).unwrap();
         let log = std::fs::File::create(dir.path().join("legate.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_legate"))
+        let child = legate_command()
             .args(["run", "-c"])
             .arg(&config_path)
             .env("RUST_LOG", "legate=debug")

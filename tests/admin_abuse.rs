@@ -3,6 +3,8 @@
 //!   closed, never a hang or a crash;
 //! - 200 half-open connections (some silent, some with half a request) held open: `/live`
 //!   answers 200 again while they are still held (the server times them out);
+//! - a request whose client half-closes after sending it is answered, and a half-close in
+//!   the middle of a request is a closed connection, not a hang;
 //! - after each: `/live` answers 200, `/metrics` works and forwarding still works.
 
 mod common;
@@ -136,5 +138,38 @@ fn two_hundred_half_open_connections() {
     );
     assert_still_serving(&mut legate);
     drop(held);
+    assert_still_serving(&mut legate);
+}
+
+#[test]
+fn a_request_then_a_half_close_is_answered() {
+    let (_backend, mut legate) = start();
+    for (path, status) in [("/live", 200), ("/ready", 200), ("/nope", 404)] {
+        let mut stream = connect(legate.admin);
+        stream.set_read_timeout(Some(T)).unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let (answer, error) = read_to_end(&mut stream);
+        assert!(error.is_none(), "{path}: {error:?}");
+        assert_eq!(
+            parse_http_response(&answer).map(|(status, _)| status),
+            Some(status),
+            "{path}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    // Half a request, then EOF: nothing to answer, and the connection must end.
+    let mut stream = connect(legate.admin);
+    stream.set_read_timeout(Some(T)).unwrap();
+    stream.write_all(b"GET /live HTTP/1.1\r\nHo").unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let started = std::time::Instant::now();
+    let _ = read_to_end(&mut stream);
+    assert!(
+        started.elapsed() < T,
+        "a half-closed half request was held open"
+    );
     assert_still_serving(&mut legate);
 }

@@ -10,6 +10,7 @@
 
 mod common;
 
+use common::fault::reset;
 use common::*;
 use std::io::{Read, Write};
 use std::net::Shutdown;
@@ -106,27 +107,6 @@ fn upstream_half_close_leaves_the_client_able_to_send() {
         .collect();
     assert_eq!(got.len(), 1, "exactly one connection carried data");
     assert_eq!(got[0], message);
-}
-
-/// Closes `stream` with a RST instead of a FIN (SO_LINGER with a zero timeout).
-fn reset(stream: std::net::TcpStream) {
-    use std::os::fd::AsRawFd;
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket descriptor and a correctly sized, initialised `linger` value.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &linger as *const libc::linger as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
-    drop(stream);
 }
 
 #[test]

@@ -75,20 +75,20 @@ pub enum LoginReply {
 
 /// Frame the next packet in `buf`: `Ok(None)` while incomplete, else its sequence number
 /// and the total length (header included). The length is checked from the header, so an
-/// oversized packet is refused before it is read.
-fn frame(buf: &[u8]) -> Result<Option<(u8, usize)>, String> {
+/// oversized packet is refused before it is read. `what` names the packet in errors.
+fn frame(buf: &[u8], what: &str) -> Result<Option<(u8, usize)>, String> {
     if buf.len() < HEADER {
         return Ok(None);
     }
     let len = usize::from(buf[0]) | usize::from(buf[1]) << 8 | usize::from(buf[2]) << 16;
     if len > MAX_PACKET {
         return Err(format!(
-            "not a MySQL packet: {len} bytes is over the {} KiB limit",
+            "not a MySQL {what}: {len} bytes is over the {} KiB limit",
             MAX_PACKET / 1024
         ));
     }
     if len == 0 {
-        return Err("not a MySQL packet: empty".into());
+        return Err(format!("not a MySQL {what}: empty"));
     }
     Ok((buf.len() >= HEADER + len).then_some((buf[3], HEADER + len)))
 }
@@ -96,7 +96,7 @@ fn frame(buf: &[u8]) -> Result<Option<(u8, usize)>, String> {
 /// Parse the first packet from `buf`: `Ok(None)` while incomplete, `Err(reason)` when it
 /// is not a usable greeting.
 pub fn parse(buf: &[u8]) -> Result<Option<Greeting>, String> {
-    let Some((seq, end)) = frame(buf).map_err(|why| why.replace("packet", "greeting"))? else {
+    let Some((seq, end)) = frame(buf, "greeting")? else {
         return Ok(None);
     };
     if seq != 0 {
@@ -220,7 +220,7 @@ async fn read_packet(
     what: &str,
 ) -> Result<Vec<u8>, String> {
     loop {
-        if let Some((got, end)) = frame(buf)? {
+        if let Some((got, end)) = frame(buf, "packet")? {
             if got != seq {
                 return Err(format!(
                     "out of order {what}: sequence number {got} (expected {seq})"
@@ -308,7 +308,7 @@ async fn log_in(
                 // The empty password's response is empty for every plugin that takes
                 // one (native, caching_sha2, ed25519 refuse it on their own terms).
                 stream
-                    .write_all(&packet_empty(seq.wrapping_add(1)))
+                    .write_all(&packet(seq.wrapping_add(1), &[]))
                     .await
                     .map_err(write)?;
                 seq = seq.wrapping_add(2);
@@ -325,11 +325,6 @@ async fn log_in(
     Err(format!(
         "the login as {user:?} did not finish within {MAX_LOGIN_PACKETS} packets"
     ))
-}
-
-/// A packet with an empty payload (an empty auth response after a plugin switch).
-fn packet_empty(seq: u8) -> Vec<u8> {
-    vec![0, 0, 0, seq]
 }
 
 impl Check for MysqlCheck {

@@ -172,17 +172,8 @@ pub(super) async fn copy_bidirectional<C: Transport, U: Transport>(
                 Pin::new(&mut *upstream),
                 &to_upstream,
             ) {
-                Poll::Ready(Err(DirectionError::Read(error))) => {
-                    return Poll::Ready(End::Reset {
-                        from: Side::Client,
-                        error,
-                    })
-                }
-                Poll::Ready(Err(DirectionError::Write(error))) => {
-                    return Poll::Ready(End::Reset {
-                        from: Side::Upstream,
-                        error,
-                    })
+                Poll::Ready(Err(error)) => {
+                    return Poll::Ready(error.end(Side::Client, Side::Upstream))
                 }
                 Poll::Ready(Ok(())) | Poll::Pending => {}
             }
@@ -194,17 +185,8 @@ pub(super) async fn copy_bidirectional<C: Transport, U: Transport>(
                 Pin::new(&mut *client),
                 &to_client,
             ) {
-                Poll::Ready(Err(DirectionError::Read(error))) => {
-                    return Poll::Ready(End::Reset {
-                        from: Side::Upstream,
-                        error,
-                    })
-                }
-                Poll::Ready(Err(DirectionError::Write(error))) => {
-                    return Poll::Ready(End::Reset {
-                        from: Side::Client,
-                        error,
-                    })
+                Poll::Ready(Err(error)) => {
+                    return Poll::Ready(error.end(Side::Upstream, Side::Client))
                 }
                 Poll::Ready(Ok(())) | Poll::Pending => {}
             }

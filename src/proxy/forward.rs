@@ -77,6 +77,17 @@ pub(super) enum DirectionError {
     Write(io::Error),
 }
 
+impl DirectionError {
+    /// How the connection ends when the direction `from` → `to` failed: a reset from
+    /// the side whose socket failed.
+    pub(super) fn end(self, from: Side, to: Side) -> End {
+        match self {
+            DirectionError::Read(error) => End::Reset { from, error },
+            DirectionError::Write(error) => End::Reset { from: to, error },
+        }
+    }
+}
+
 /// One direction's running totals, shared with the connection for its log line.
 #[derive(Default)]
 pub(super) struct Progress {
@@ -144,8 +155,8 @@ pub async fn forward<C: Transport, U: Transport>(
     if let End::Reset { from, .. } = &end {
         // Linger 0 makes close() send RST: the reset travels on instead of a FIN that
         // would make a truncated stream look complete.
-        let _ = SockRef::from(client.tcp()).set_linger(Some(Duration::ZERO));
-        let _ = SockRef::from(upstream.tcp()).set_linger(Some(Duration::ZERO));
+        super::reset_on_close(client.tcp());
+        super::reset_on_close(upstream.tcp());
         match from {
             Side::Client => metrics.resets_from_client.inc(),
             Side::Upstream => metrics.resets_from_upstream.inc(),
@@ -183,13 +194,11 @@ async fn splice_both(
         tokio::select! {
             result = &mut to_upstream, if !up_done => match result {
                 Ok(()) => up_done = true,
-                Err(DirectionError::Read(error)) => return End::Reset { from: Side::Client, error },
-                Err(DirectionError::Write(error)) => return End::Reset { from: Side::Upstream, error },
+                Err(error) => return error.end(Side::Client, Side::Upstream),
             },
             result = &mut to_client, if !down_done => match result {
                 Ok(()) => down_done = true,
-                Err(DirectionError::Read(error)) => return End::Reset { from: Side::Upstream, error },
-                Err(DirectionError::Write(error)) => return End::Reset { from: Side::Client, error },
+                Err(error) => return error.end(Side::Upstream, Side::Client),
             },
         }
         if up_done && down_done {

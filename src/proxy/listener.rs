@@ -29,18 +29,14 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     // Restarting legate must not wait for TIME_WAIT of the previous process's sockets.
     socket.set_reuseaddr(true)?;
     // On Linux accepted sockets inherit TCP_NODELAY and the keepalive settings from the
-    // listener, so setting them here once (the same values as `proxy::tune`) saves five
-    // setsockopt calls per accepted connection.
+    // listener, so setting them here once (as `proxy::tune` does) saves five setsockopt
+    // calls per accepted connection.
     #[cfg(target_os = "linux")]
     {
         let listening = SockRef::from(&socket);
         listening.set_tcp_nodelay(true)?;
-        listening.set_tcp_keepalive(
-            &socket2::TcpKeepalive::new()
-                .with_time(Duration::from_secs(60))
-                .with_interval(Duration::from_secs(10))
-                .with_retries(6),
-        )?;
+        // The probe count matters for admin connections, which get no user timeout.
+        listening.set_tcp_keepalive(&super::keepalive().with_retries(6))?;
     }
     socket.bind(addr)?;
     socket.listen(4096)
@@ -98,7 +94,7 @@ pub async fn serve(
                 .rejected(RejectReason::MaxConnections)
                 .inc();
             // Reset rather than FIN: the client learns at once it was not served.
-            let _ = SockRef::from(&client).set_linger(Some(Duration::ZERO));
+            super::reset_on_close(&client);
             drop(client);
             tracing::debug!(listener = %listener.name, %peer, max, "over max_connections; closed");
             continue;
@@ -190,7 +186,7 @@ async fn handle(
             listener.metrics.rejected(reason).inc();
             // Reset, not FIN: the client must not take "no backend" for a served,
             // cleanly closed connection (the same as over max_connections).
-            let _ = SockRef::from(client.tcp()).set_linger(Some(Duration::ZERO));
+            super::reset_on_close(client.tcp());
             tracing::debug!(listener = %listener.name, %peer, ?error, "client reset: no upstream");
             return;
         }

@@ -24,15 +24,26 @@ use tokio::net::TcpStream;
 /// bytes would otherwise be retransmitted for about 15 minutes (tcp_retries2).
 pub(crate) fn tune(stream: &TcpStream, user_timeout: Duration) {
     let _ = stream.set_nodelay(true);
+    let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive());
+    set_user_timeout(stream, user_timeout);
+}
+
+/// Probe after 60 s idle, then every 10 s. On Linux TCP_USER_TIMEOUT (set on every
+/// proxied socket) also decides when unanswered probes end the connection and the probe
+/// count is ignored, so it is not set there: one setsockopt saved per socket.
+pub(crate) fn keepalive() -> TcpKeepalive {
     let keepalive = TcpKeepalive::new()
         .with_time(Duration::from_secs(60))
         .with_interval(Duration::from_secs(10));
-    // On Linux TCP_USER_TIMEOUT, set below, also decides when unanswered keepalive probes
-    // end the connection (the probe count is then ignored), so one setsockopt is saved.
     #[cfg(target_os = "macos")]
     let keepalive = keepalive.with_retries(6);
-    let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
-    set_user_timeout(stream, user_timeout);
+    keepalive
+}
+
+/// SO_LINGER 0: the coming close() sends RST instead of FIN, so the peer cannot take a
+/// refused or cut connection for a served, cleanly finished one.
+pub(crate) fn reset_on_close(stream: &TcpStream) {
+    let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
 /// SO_SNDBUF and SO_RCVBUF (`socket_buffer`): a fixed size instead of the kernel's

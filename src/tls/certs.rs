@@ -104,6 +104,31 @@ pub fn check_not_expired(path: &Path, certs: &[CertificateDer<'_>]) -> Result<()
     }
 }
 
+/// A CA bundle as a root store, with the bundle's earliest notAfter.
+pub fn load_roots(path: &Path) -> Result<(rustls::RootCertStore, Option<i64>), CertError> {
+    let cas = load_certs(path)?;
+    let expiry = earliest_expiry(&cas);
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in cas {
+        roots.add(ca).map_err(|error| CertError::BadCertificate {
+            path: path.to_path_buf(),
+            message: error.to_string(),
+        })?;
+    }
+    Ok((roots, expiry))
+}
+
+/// Our own certificate chain (leaf first), refused when the leaf has expired, with the
+/// leaf's notAfter.
+pub fn load_own_chain(
+    path: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, Option<i64>), CertError> {
+    let chain = load_certs(path)?;
+    check_not_expired(path, &chain)?;
+    let expiry = earliest_expiry(&chain[..1]);
+    Ok((chain, expiry))
+}
+
 /// Map rustls's key-loading errors onto the file names.
 pub fn key_error(cert: &Path, key: &Path, error: rustls::Error) -> CertError {
     match error {

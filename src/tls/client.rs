@@ -34,37 +34,20 @@ pub fn build(
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
     } else {
-        let mut roots = RootCertStore::empty();
-        match &config.ca {
+        let roots = match &config.ca {
             Some(path) => {
-                let cas = certs::load_certs(path)?;
-                if let Some(expiry) = certs::earliest_expiry(&cas) {
-                    expiries.push(Expiry {
-                        role: "ca",
-                        not_after: expiry,
-                    });
-                }
-                for ca in cas {
-                    roots.add(ca).map_err(|error| CertError::BadCertificate {
-                        path: path.clone(),
-                        message: error.to_string(),
-                    })?;
-                }
+                let (roots, expiry) = certs::load_roots(path)?;
+                expiries.extend(Expiry::of("ca", expiry));
+                roots
             }
-            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
-        }
+            None => RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        };
         builder.with_root_certificates(roots)
     };
     let mut client = match (&config.cert, &config.key) {
         (Some(cert_path), Some(key_path)) => {
-            let chain = certs::load_certs(cert_path)?;
-            certs::check_not_expired(cert_path, &chain)?;
-            if let Some(expiry) = certs::earliest_expiry(&chain[..1]) {
-                expiries.push(Expiry {
-                    role: "client",
-                    not_after: expiry,
-                });
-            }
+            let (chain, expiry) = certs::load_own_chain(cert_path)?;
+            expiries.extend(Expiry::of("client", expiry));
             let key = certs::load_key(key_path)?;
             builder
                 .with_client_auth_cert(chain, key)

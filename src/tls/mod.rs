@@ -35,6 +35,13 @@ pub struct Expiry {
     pub not_after: i64,
 }
 
+impl Expiry {
+    /// The expiry of `role`'s certificates, when they have one.
+    pub fn of(role: &'static str, not_after: Option<i64>) -> Option<Expiry> {
+        not_after.map(|not_after| Expiry { role, not_after })
+    }
+}
+
 static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
 
 /// rustls speaks nothing below TLS 1.2, so "1.2" means every version it has.

@@ -5,7 +5,7 @@ use super::certs::{self, CertError};
 use super::Expiry;
 use crate::config::TlsServerConfig;
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::ServerConfig;
 use std::sync::Arc;
 
 pub fn build(config: &TlsServerConfig) -> Result<(ServerConfig, Vec<Expiry>), CertError> {
@@ -16,20 +16,8 @@ pub fn build(config: &TlsServerConfig) -> Result<(ServerConfig, Vec<Expiry>), Ce
     let mut expiries = Vec::new();
     let builder = match &config.client_ca {
         Some(path) => {
-            let cas = certs::load_certs(path)?;
-            if let Some(expiry) = certs::earliest_expiry(&cas) {
-                expiries.push(Expiry {
-                    role: "ca",
-                    not_after: expiry,
-                });
-            }
-            let mut roots = RootCertStore::empty();
-            for ca in cas {
-                roots.add(ca).map_err(|error| CertError::BadCertificate {
-                    path: path.clone(),
-                    message: error.to_string(),
-                })?;
-            }
+            let (roots, expiry) = certs::load_roots(path)?;
+            expiries.extend(Expiry::of("ca", expiry));
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
                 .map_err(|error| CertError::Config(format!("{}: {error}", path.display())))?;
@@ -37,14 +25,8 @@ pub fn build(config: &TlsServerConfig) -> Result<(ServerConfig, Vec<Expiry>), Ce
         }
         None => builder.with_no_client_auth(),
     };
-    let chain = certs::load_certs(&config.cert)?;
-    certs::check_not_expired(&config.cert, &chain)?;
-    if let Some(expiry) = certs::earliest_expiry(&chain[..1]) {
-        expiries.push(Expiry {
-            role: "server",
-            not_after: expiry,
-        });
-    }
+    let (chain, expiry) = certs::load_own_chain(&config.cert)?;
+    expiries.extend(Expiry::of("server", expiry));
     let key = certs::load_key(&config.key)?;
     let server = builder
         .with_single_cert(chain, key)

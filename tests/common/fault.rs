@@ -317,15 +317,16 @@ pub fn reset(stream: TcpStream) {
         l_linger: 0,
     };
     // SAFETY: setsockopt on a descriptor we own, with a correctly sized linger value.
-    unsafe {
+    let rc = unsafe {
         libc::setsockopt(
             stream.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_LINGER,
             &linger as *const libc::linger as *const libc::c_void,
             std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-    }
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", io::Error::last_os_error());
     drop(stream);
 }
 

@@ -533,14 +533,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_truncated_reply_says_so() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.unwrap();
-            let mut request = [0u8; 256];
-            let _ = socket.read(&mut request).await;
-            let _ = socket.write_all(b"*5\r\n$5\r\nsla").await;
-        });
+        let addr = serve_once(b"*5\r\n$5\r\nsla".to_vec()).await;
         let deadline = Instant::now() + std::time::Duration::from_secs(5);
         let failure = RedisCheck::role(None)
             .check(Probe { addr, tls: None }, deadline)

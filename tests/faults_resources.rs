@@ -34,7 +34,17 @@ fn row33_fd_exhaustion_backs_off_and_recovers() {
     let addr = legate.addr("svc");
     assert_eq!(echo_roundtrip(addr, "warm").unwrap(), "warm");
     let probe = Probe::start(&legate);
-    let held: Vec<TcpStream> = (0..100).map(|_| connect(addr)).collect();
+    // While legate is out of descriptors, a connection it accepted but could not dial for
+    // is reset (the contract's answer to a client it cannot serve), and that reset can
+    // arrive before connect() returns; only the connections that got through are held.
+    let held: Vec<TcpStream> = (0..100)
+        .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok())
+        .collect();
+    assert!(
+        held.len() >= 20,
+        "only {} of 100 connections got through: legate should hold about 60 descriptors' worth",
+        held.len()
+    );
     eventually(Duration::from_secs(10), "EMFILE to be counted", || {
         legate
             .metrics()

@@ -101,6 +101,10 @@ where
     });
     hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
+        // A probe may send its request and shut its write side at once (`curl` with
+        // `--http1.0`, `nc -N`): without this hyper can see the EOF before it answered
+        // and close the connection with the answer unwritten.
+        .half_close(true)
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_HEADER_BYTES)
         .serve_connection(TokioIo::new(stream), service)

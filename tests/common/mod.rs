@@ -1019,6 +1019,40 @@ pub struct MariaDb {
     proc: Option<Proc>,
 }
 
+/// `mariadb-install-db` into `datadir`. Two installs at once in one test process (tests
+/// run in parallel threads) were seen to fail, so installs take turns; a failed install is
+/// tried again in a fresh directory, twice, before the test fails with every attempt's
+/// output.
+fn install_mariadb_datadir(datadir: &Path) {
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut failures = Vec::new();
+    for attempt in 1..=3 {
+        let _ = std::fs::remove_dir_all(datadir);
+        let mut install = Command::new("mariadb-install-db");
+        install
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", datadir.display()))
+            .arg("--auth-root-authentication-method=normal")
+            .arg("--user=root")
+            .arg("--skip-test-db");
+        let output = run_with_timeout(install, Duration::from_secs(120));
+        if output.status.success() {
+            return;
+        }
+        failures.push(format!(
+            "attempt {attempt}: {}\n{}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    panic!(
+        "mariadb-install-db failed 3 times:\n{}",
+        failures.join("\n")
+    );
+}
+
 impl MariaDb {
     pub fn start() -> MariaDb {
         MariaDb::start_with(false)
@@ -1035,20 +1069,7 @@ impl MariaDb {
         require_bin("mariadb", "mariadb-client");
         let dir = tempfile::tempdir().expect("tempdir");
         let datadir = dir.path().join("data");
-        let mut install = Command::new("mariadb-install-db");
-        install
-            .arg("--no-defaults")
-            .arg(format!("--datadir={}", datadir.display()))
-            .arg("--auth-root-authentication-method=normal")
-            .arg("--user=root")
-            .arg("--skip-test-db");
-        let output = run_with_timeout(install, Duration::from_secs(120));
-        assert!(
-            output.status.success(),
-            "mariadb-install-db failed: {}\n{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        install_mariadb_datadir(&datadir);
         let port = free_port();
         let log_path = dir.path().join("mariadb.log");
         let log = File::create(&log_path).expect("mariadb log");

@@ -66,6 +66,12 @@ struct Direction {
     unflushed: bool,
     shutting_down: bool,
     done: bool,
+    /// The connection is ending with a reset: an end of stream is not passed on as a
+    /// close (close_notify and FIN), since the reset follows.
+    ending: bool,
+    /// The reader failed (or, while `ending`, ended): what the writer still buffers
+    /// (rustls holds records until flushed) goes out first, then this is reported.
+    finishing: Option<Option<io::Error>>,
 }
 
 struct Accounting<'a> {
@@ -89,6 +95,20 @@ impl Direction {
         loop {
             if self.done {
                 return Poll::Ready(Ok(()));
+            }
+            if self.finishing.is_some() {
+                if self.unflushed {
+                    // The writer's own failure is the other direction's to report.
+                    let _ = ready!(writer.as_mut().poll_flush(cx));
+                    self.unflushed = false;
+                }
+                match self.finishing.take().flatten() {
+                    Some(error) => return Poll::Ready(Err(DirectionError::Read(error))),
+                    None => {
+                        self.done = true;
+                        continue;
+                    }
+                }
             }
             if self.shutting_down {
                 // The peer may already be gone; the other direction reports that.
@@ -123,13 +143,17 @@ impl Direction {
                 Poll::Ready(Ok(())) => {
                     let filled = read.filled().len();
                     if filled == 0 {
-                        self.shutting_down = true;
+                        if self.ending {
+                            self.finishing = Some(None);
+                        } else {
+                            self.shutting_down = true;
+                        }
                     } else {
                         self.start = 0;
                         self.end = filled;
                     }
                 }
-                Poll::Ready(Err(error)) => return Poll::Ready(Err(DirectionError::Read(error))),
+                Poll::Ready(Err(error)) => self.finishing = Some(Some(error)),
                 Poll::Pending => {
                     // Nothing more to read now: push out what the writer buffered
                     // (rustls keeps records until flushed).
@@ -164,38 +188,63 @@ pub(super) async fn copy_bidirectional<C: Transport, U: Transport>(
     };
     let mut up = Direction::default();
     let mut down = Direction::default();
-    std::future::poll_fn(|cx| {
+    // Which direction failed, how, and so which one is left to salvage.
+    let failed = std::future::poll_fn(|cx| {
         if !up.done {
-            match up.poll(
+            if let Poll::Ready(Err(error)) = up.poll(
                 cx,
                 Pin::new(&mut *client),
                 Pin::new(&mut *upstream),
                 &to_upstream,
             ) {
-                Poll::Ready(Err(error)) => {
-                    return Poll::Ready(error.end(Side::Client, Side::Upstream))
-                }
-                Poll::Ready(Ok(())) | Poll::Pending => {}
+                return Poll::Ready(Some((error, Side::Client, Side::Upstream)));
             }
         }
         if !down.done {
-            match down.poll(
+            if let Poll::Ready(Err(error)) = down.poll(
                 cx,
                 Pin::new(&mut *upstream),
                 Pin::new(&mut *client),
                 &to_client,
             ) {
-                Poll::Ready(Err(error)) => {
-                    return Poll::Ready(error.end(Side::Upstream, Side::Client))
-                }
-                Poll::Ready(Ok(())) | Poll::Pending => {}
+                return Poll::Ready(Some((error, Side::Upstream, Side::Client)));
             }
         }
         if up.done && down.done {
-            Poll::Ready(End::Closed)
+            Poll::Ready(None)
         } else {
             Poll::Pending
         }
     })
-    .await
+    .await;
+    let Some((error, from, to)) = failed else {
+        return End::Closed;
+    };
+    if error.is_write() {
+        // `to` reset or closed: deliver what it sent before that (see
+        // `DirectionError::is_write`), then pass the reset on.
+        let salvage = std::future::poll_fn(|cx| match to {
+            Side::Upstream if !down.done => {
+                down.ending = true;
+                down.poll(
+                    cx,
+                    Pin::new(&mut *upstream),
+                    Pin::new(&mut *client),
+                    &to_client,
+                )
+            }
+            Side::Client if !up.done => {
+                up.ending = true;
+                up.poll(
+                    cx,
+                    Pin::new(&mut *client),
+                    Pin::new(&mut *upstream),
+                    &to_upstream,
+                )
+            }
+            _ => Poll::Ready(Ok(())),
+        });
+        let _ = tokio::time::timeout(super::forward::SALVAGE, salvage).await;
+    }
+    error.end(from, to)
 }

@@ -78,6 +78,14 @@ pub(super) enum DirectionError {
 }
 
 impl DirectionError {
+    /// A write failed: the destination reset or closed. Whatever it sent before that may
+    /// still be waiting in its socket, so the opposite direction is salvaged before the
+    /// reset is passed on. (A failed read needs no salvage: a direction always delivers
+    /// what it read before reading again, and nothing can be delivered to a dead source.)
+    pub(super) fn is_write(&self) -> bool {
+        matches!(self, DirectionError::Write(_))
+    }
+
     /// How the connection ends when the direction `from` → `to` failed: a reset from
     /// the side whose socket failed.
     pub(super) fn end(self, from: Side, to: Side) -> End {
@@ -87,6 +95,13 @@ impl DirectionError {
         }
     }
 }
+
+/// How long the opposite direction may go on delivering after one side reset or closed
+/// (see [`DirectionError::is_write`]). The dead side's read returns its last bytes and then
+/// the reset at once, so this bounds only a live side that does not read what it is sent.
+/// Long enough for a sidecar paused by a CPU quota (tens of milliseconds at a time) to
+/// catch up; short enough that a stuck client does not hold a dead connection.
+pub(super) const SALVAGE: Duration = Duration::from_secs(2);
 
 /// One direction's running totals, shared with the connection for its log line.
 #[derive(Default)]
@@ -186,19 +201,48 @@ async fn splice_both(
     down: &Progress,
     activity: Option<&AtomicU64>,
 ) -> End {
-    let to_upstream = one_way(client, upstream, &metrics.bytes_upstream, up, activity);
-    let to_client = one_way(upstream, client, &metrics.bytes_downstream, down, activity);
+    // Set once the connection is ending with a reset: from then on an end of stream is
+    // not passed on as a half-close, since the reset follows.
+    let ending = AtomicBool::new(false);
+    let to_upstream = one_way(
+        client,
+        upstream,
+        &metrics.bytes_upstream,
+        up,
+        activity,
+        &ending,
+    );
+    let to_client = one_way(
+        upstream,
+        client,
+        &metrics.bytes_downstream,
+        down,
+        activity,
+        &ending,
+    );
     tokio::pin!(to_upstream, to_client);
     let (mut up_done, mut down_done) = (false, false);
     loop {
         tokio::select! {
             result = &mut to_upstream, if !up_done => match result {
                 Ok(()) => up_done = true,
-                Err(error) => return error.end(Side::Client, Side::Upstream),
+                Err(error) => {
+                    if error.is_write() && !down_done {
+                        ending.store(true, Relaxed);
+                        let _ = tokio::time::timeout(SALVAGE, &mut to_client).await;
+                    }
+                    return error.end(Side::Client, Side::Upstream);
+                }
             },
             result = &mut to_client, if !down_done => match result {
                 Ok(()) => down_done = true,
-                Err(error) => return error.end(Side::Upstream, Side::Client),
+                Err(error) => {
+                    if error.is_write() && !up_done {
+                        ending.store(true, Relaxed);
+                        let _ = tokio::time::timeout(SALVAGE, &mut to_upstream).await;
+                    }
+                    return error.end(Side::Upstream, Side::Client);
+                }
             },
         }
         if up_done && down_done {
@@ -290,7 +334,7 @@ async fn idle_watch(activity: Option<&AtomicU64>, idle_timeout: Option<Duration>
     }
 }
 
-/// Forward `src` → `dst` until end of stream, then half-close `dst`.
+/// Forward `src` → `dst` until end of stream, then half-close `dst` (unless `ending`).
 #[cfg(target_os = "linux")]
 async fn one_way(
     src: &TcpStream,
@@ -298,8 +342,9 @@ async fn one_way(
     bytes: &IntCounter,
     progress: &Progress,
     activity: Option<&AtomicU64>,
+    ending: &AtomicBool,
 ) -> Result<(), DirectionError> {
-    match splice_one_way(src, dst, bytes, progress, activity).await {
+    match splice_one_way(src, dst, bytes, progress, activity, ending).await {
         Err(DirectionError::Read(error))
             if error.raw_os_error() == Some(libc::EINVAL)
                 && progress.spliced.load(Relaxed) == 0 =>
@@ -308,7 +353,7 @@ async fn one_way(
         }
         other => return other,
     }
-    copy_one_way(src, dst, bytes, progress, activity).await
+    copy_one_way(src, dst, bytes, progress, activity, ending).await
 }
 
 #[cfg(target_os = "linux")]
@@ -320,8 +365,13 @@ fn record(bytes: &IntCounter, progress: &Progress, activity: Option<&AtomicU64>,
     }
 }
 
+/// End of stream from the source: pass it on as a half-close, unless the connection is
+/// already ending with a reset (a FIN before the reset would make the cut look clean).
 #[cfg(target_os = "linux")]
-fn half_close(dst: &TcpStream) {
+fn half_close(dst: &TcpStream, ending: &AtomicBool) {
+    if ending.load(Relaxed) {
+        return;
+    }
     // ENOTCONN here means the peer is already gone; the other direction will see it.
     let _ = SockRef::from(dst).shutdown(Shutdown::Write);
 }
@@ -333,6 +383,7 @@ async fn splice_one_way(
     bytes: &IntCounter,
     progress: &Progress,
     activity: Option<&AtomicU64>,
+    ending: &AtomicBool,
 ) -> Result<(), DirectionError> {
     loop {
         // Wait for data without holding a pipe, then take one for this burst.
@@ -358,7 +409,7 @@ async fn splice_one_way(
             match src.try_io(Interest::READABLE, || pipe.fill_from(src, splice::CHUNK)) {
                 Ok(0) => {
                     splice::give_back(pipe);
-                    half_close(dst);
+                    half_close(dst, ending);
                     return Ok(());
                 }
                 Ok(filled) => in_pipe = filled,
@@ -384,6 +435,7 @@ async fn copy_one_way(
     bytes: &IntCounter,
     progress: &Progress,
     activity: Option<&AtomicU64>,
+    ending: &AtomicBool,
 ) -> Result<(), DirectionError> {
     let mut buffer: Vec<u8> = Vec::new();
     loop {
@@ -393,7 +445,7 @@ async fn copy_one_way(
         }
         let filled = match src.try_read(&mut buffer) {
             Ok(0) => {
-                half_close(dst);
+                half_close(dst, ending);
                 return Ok(());
             }
             Ok(filled) => filled,

@@ -12,6 +12,7 @@ use prometheus::{
 pub const CONNECTIONS_TOTAL: &str = "legate_connections_total";
 pub const CONNECTIONS_ACTIVE: &str = "legate_connections_active";
 pub const CONNECTIONS_REJECTED_TOTAL: &str = "legate_connections_rejected_total";
+pub const LAST_RESORT_CONNECTIONS_TOTAL: &str = "legate_last_resort_connections_total";
 pub const BYTES_TOTAL: &str = "legate_bytes_total";
 pub const SPLICE_BYTES_TOTAL: &str = "legate_splice_bytes_total";
 pub const UPSTREAM_CONNECT_SECONDS: &str = "legate_upstream_connect_seconds";
@@ -70,6 +71,7 @@ pub struct Metrics {
     connections_total: IntCounterVec,
     connections_active: IntGaugeVec,
     connections_rejected: IntCounterVec,
+    last_resort: IntCounterVec,
     bytes_total: IntCounterVec,
     splice_bytes: IntCounterVec,
     connect_seconds: HistogramVec,
@@ -97,6 +99,9 @@ pub struct ListenerMetrics {
     pub rejected_no_endpoint: IntCounter,
     pub rejected_max_connections: IntCounter,
     pub rejected_connect_failed: IntCounter,
+    /// Connections that dialled endpoints which were not eligible, since none was
+    /// (the "last resort" rule in `proxy::connect`).
+    pub last_resort: IntCounter,
     pub bytes_upstream: IntCounter,
     pub bytes_downstream: IntCounter,
     pub splice_bytes: IntCounter,
@@ -274,6 +279,12 @@ impl Metrics {
                 "Client connections closed without being forwarded.",
                 &["listener", "reason"],
             ),
+            last_resort: counter_vec(
+                &registry,
+                LAST_RESORT_CONNECTIONS_TOTAL,
+                "Client connections that, with no endpoint eligible only because connecting to them failed, tried those endpoints anyway.",
+                &["listener"],
+            ),
             bytes_total: counter_vec(
                 &registry,
                 BYTES_TOTAL,
@@ -375,6 +386,7 @@ impl Metrics {
             rejected_connect_failed: self
                 .connections_rejected
                 .with_label_values(&[name, RejectReason::ConnectFailed.as_str()]),
+            last_resort: self.last_resort.with_label_values(&[name]),
             bytes_upstream: self.bytes_total.with_label_values(&[name, "upstream"]),
             bytes_downstream: self.bytes_total.with_label_values(&[name, "downstream"]),
             splice_bytes: self.splice_bytes.with_label_values(&[name]),

@@ -15,7 +15,7 @@ pub mod fixed;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Notify;
@@ -69,6 +69,13 @@ pub struct EndpointState {
     /// `monotonic_ms()` until which the endpoint is passively ejected; 0 = not ejected.
     ejected_until: AtomicU64,
     connect_failures_in_row: AtomicU32,
+    /// A check failed on what the endpoint answered (a replica, an error reply, a refused
+    /// login, a timeout after connecting) since it last passed, as opposed to failing to
+    /// connect at all. Such an endpoint is never dialled as a last resort.
+    ruled_out: AtomicBool,
+    /// `monotonic_ms()` when the endpoint was last known good (a passing check or a
+    /// successful dial); 0 = never. Orders last-resort candidates.
+    last_good_ms: AtomicU64,
     passes_in_row: AtomicU32,
     failures_in_row: AtomicU32,
     /// Wall-clock time and outcome of the last active check, for `/endpoints`.
@@ -107,10 +114,43 @@ impl EndpointState {
         self.health.store(Health::Healthy as u8, Ordering::Relaxed);
     }
 
-    /// A dial succeeded: the back-off starts over.
-    pub fn connect_succeeded(&self) {
+    /// A dial succeeded: the back-off starts over, and an ejection ends (a last-resort
+    /// dial succeeds while the endpoint is still ejected).
+    pub fn connect_succeeded(&self, now_ms: u64) {
         if self.connect_failures_in_row.load(Ordering::Relaxed) != 0 {
             self.connect_failures_in_row.store(0, Ordering::Relaxed);
+        }
+        if self.ejected_until.load(Ordering::Relaxed) != 0 {
+            self.ejected_until.store(0, Ordering::Relaxed);
+        }
+        // Ordering is only approximate between concurrent dials, and that is all it needs.
+        if self.last_good_ms.load(Ordering::Relaxed) != now_ms {
+            self.last_good_ms.store(now_ms, Ordering::Relaxed);
+        }
+    }
+
+    /// Not eligible, but only because connecting to it failed: ejected after failed dials
+    /// while its checks pass, or unhealthy because its last check could not connect. A new
+    /// connection with nothing eligible may still try it. One ruled out by what it
+    /// answered (a replica, an error reply) or not checked yet is never tried this way.
+    pub fn is_last_resort(&self) -> bool {
+        match self.health() {
+            Health::Healthy => true,
+            Health::Unhealthy => !self.ruled_out.load(Ordering::Relaxed),
+            Health::Unknown => false,
+        }
+    }
+
+    /// When the endpoint was last known good, in `monotonic_ms()`; 0 = never.
+    pub fn last_good_ms(&self) -> u64 {
+        self.last_good_ms.load(Ordering::Relaxed)
+    }
+
+    /// A check failed: `unreachable` if it could not connect at all, else the endpoint
+    /// is ruled out by what it answered until a check passes.
+    pub fn note_failure(&self, unreachable: bool) {
+        if !unreachable {
+            self.ruled_out.store(true, Ordering::Relaxed);
         }
     }
 
@@ -160,6 +200,8 @@ impl EndpointState {
             error,
         });
         let after = if ok {
+            self.ruled_out.store(false, Ordering::Relaxed);
+            self.last_good_ms.store(monotonic_ms(), Ordering::Relaxed);
             self.failures_in_row.store(0, Ordering::Relaxed);
             let passes = self.passes_in_row.fetch_add(1, Ordering::Relaxed) + 1;
             // A passing check re-admits a passively ejected endpoint at once.
@@ -484,6 +526,39 @@ mod tests {
         assert!(!state.record_check(Ok(None), 2, 2));
         assert!(state.record_check(Ok(None), 2, 2));
         assert_eq!(state.health(), Health::Healthy);
+    }
+
+    #[test]
+    fn only_endpoints_that_failed_to_connect_are_last_resort() {
+        let unchecked = EndpointState::default();
+        assert!(!unchecked.is_last_resort(), "never checked");
+
+        let refused = EndpointState::default();
+        refused.note_failure(true);
+        refused.record_check(Err("connect: refused".into()), 1, 1);
+        assert!(refused.is_last_resort());
+
+        let ejected = EndpointState::default();
+        ejected.assume_healthy();
+        ejected.connect_failed(1000);
+        assert!(!ejected.is_eligible(1001) && ejected.is_last_resort());
+        ejected.connect_succeeded(1002);
+        assert!(
+            ejected.is_eligible(1002),
+            "a successful dial ends the ejection"
+        );
+
+        // A replica (an answer) stays ruled out even after it also stops answering,
+        // until a check passes.
+        let replica = EndpointState::default();
+        replica.note_failure(false);
+        replica.record_check(Err("role: slave".into()), 1, 1);
+        assert!(!replica.is_last_resort());
+        replica.note_failure(true);
+        replica.record_check(Err("connect: refused".into()), 1, 1);
+        assert!(!replica.is_last_resort());
+        replica.record_check(Ok(None), 1, 1);
+        assert!(replica.is_eligible(0) && replica.last_good_ms() > 0);
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub struct Failure {
     /// The endpoint answered clearly that it must get no traffic (a replica under
     /// `redis-primary`): unhealthy at once, whatever `unhealthy_after` says.
     pub not_eligible: bool,
+    /// The check could not connect at all (refused, timed out, unreachable): nothing the
+    /// endpoint said rules it out, so it stays a last-resort candidate.
+    pub unreachable: bool,
 }
 
 impl Failure {
@@ -53,6 +56,15 @@ impl Failure {
             reason: reason.into(),
             detail: None,
             not_eligible: false,
+            unreachable: false,
+        }
+    }
+
+    /// The TCP connect itself failed or timed out.
+    pub fn unreachable(reason: impl Into<String>) -> Failure {
+        Failure {
+            unreachable: true,
+            ..Failure::new(reason)
         }
     }
 
@@ -61,6 +73,7 @@ impl Failure {
             reason: reason.into(),
             detail: Some(detail.into()),
             not_eligible: true,
+            unreachable: false,
         }
     }
 }
@@ -117,8 +130,8 @@ async fn connect(target: &Probe, deadline: Instant) -> Result<Box<dyn ProbeStrea
             let _ = stream.set_nodelay(true);
             stream
         }
-        Ok(Err(error)) => return Err(Failure::new(format!("connect: {error}"))),
-        Err(_) => return Err(Failure::new("connect: timed out")),
+        Ok(Err(error)) => return Err(Failure::unreachable(format!("connect: {error}"))),
+        Err(_) => return Err(Failure::unreachable("connect: timed out")),
     };
     let Some((tls, name)) = &target.tls else {
         return Ok(Box::new(stream));
@@ -259,6 +272,7 @@ pub async fn run(listener: Arc<ListenerState>, shared: Arc<Shared>, token: Cance
                         Ok(detail) => (Ok(()), detail, health.unhealthy_after),
                         Err(failure) => {
                             tracing::debug!(listener = %listener.name, endpoint = %addr, reason = %failure.reason, "health check failed");
+                            state.note_failure(failure.unreachable);
                             let unhealthy_after = if failure.not_eligible {
                                 1
                             } else {

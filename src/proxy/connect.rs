@@ -2,6 +2,14 @@
 //! try the next distinct endpoint, up to `connect_attempts`. Only reached before any
 //! client byte was forwarded, so a retry is always safe. A failed endpoint is passively
 //! ejected with back-off.
+//!
+//! Last resort: when no endpoint is eligible only because connecting to them failed
+//! (passively ejected, or unhealthy because their checks could not connect), the
+//! remaining attempts still dial those, most recently good first, instead of resetting
+//! the client. So the first connection after a lone backend comes back succeeds without
+//! waiting for a check interval or an ejection back-off (Envoy's panic routing). An
+//! endpoint ruled out by what it answered (a replica, an error reply) is never dialled
+//! this way, and the attempts and `connect_timeout` bound the wait as for any dial.
 
 use crate::config::ListenerConfig;
 use crate::discovery::{monotonic_ms, EndpointSet, EndpointState, Health};
@@ -59,6 +67,22 @@ async fn wait_for_health(listener: &ListenerState, limit: std::time::Duration) {
             return;
         }
     }
+}
+
+/// The not-yet-tried last-resort candidate that was good most recently (the first in
+/// target order on a tie).
+fn last_resort_pick(set: &EndpointSet, tried: &[usize]) -> Option<usize> {
+    let mut best: Option<(usize, u64)> = None;
+    for (index, endpoint) in set.endpoints.iter().enumerate() {
+        if tried.contains(&index) || !endpoint.state.is_last_resort() {
+            continue;
+        }
+        let good = endpoint.state.last_good_ms();
+        if best.is_none_or(|(_, best_good)| good > best_good) {
+            best = Some((index, good));
+        }
+    }
+    best.map(|(index, _)| index)
 }
 
 /// TCP connect, then the TLS handshake when the listener originates TLS. A handshake
@@ -133,9 +157,15 @@ pub async fn connect(
     let mut tried = [usize::MAX; MAX_ATTEMPTS];
     let mut last = None;
     let mut waited = false;
+    let mut last_resort = false;
     let mut attempt = 0;
     while attempt < attempts {
-        let Some(index) = balancer.pick(&set, &tried[..attempt], monotonic_ms()) else {
+        let picked = if last_resort {
+            last_resort_pick(&set, &tried[..attempt])
+        } else {
+            balancer.pick(&set, &tried[..attempt], monotonic_ms())
+        };
+        let Some(index) = picked else {
             // Endpoints that just appeared (a rewritten file, a new DNS answer) get no
             // traffic until their first check passes, which takes a moment. Rather than
             // fail a connection that arrives in that gap, wait for it, once, within
@@ -144,6 +174,14 @@ pub async fn connect(
                 waited = true;
                 wait_for_health(listener, config.connect_timeout).await;
                 set = listener.endpoints.load();
+                continue;
+            }
+            if !last_resort
+                && set.healthy_count(monotonic_ms()) == 0
+                && last_resort_pick(&set, &tried[..attempt]).is_some()
+            {
+                last_resort = true;
+                listener.metrics.last_resort.inc();
                 continue;
             }
             break;
@@ -167,7 +205,7 @@ pub async fn connect(
             .observe(started.elapsed().as_secs_f64());
         let (reason, error) = match result {
             Ok(Ok(stream)) => {
-                endpoint.state.connect_succeeded();
+                endpoint.state.connect_succeeded(monotonic_ms());
                 return Ok(Upstream {
                     stream,
                     addr: endpoint.addr,
@@ -206,5 +244,38 @@ pub async fn connect(
             attempts: tried.iter().filter(|&&i| i != usize::MAX).count(),
             last,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::test_support::set;
+
+    #[test]
+    fn last_resort_takes_the_most_recently_good_untried_candidate() {
+        // (weight, backup, healthy): all unhealthy.
+        let set = set(&[(1, false, false), (1, false, false), (1, false, false)]);
+        let [a, b, c] = [0, 1, 2].map(|i| &set.endpoints[i].state);
+        for state in [a, b] {
+            state.note_failure(true);
+            state.record_check(Err("connect: refused".into()), 1, 1);
+        }
+        // c answered something that rules it out.
+        c.note_failure(false);
+        c.record_check(Err("-LOADING".into()), 1, 1);
+        assert_eq!(
+            last_resort_pick(&set, &[]),
+            Some(0),
+            "a tie goes to target order"
+        );
+        b.connect_succeeded(5_000);
+        assert_eq!(last_resort_pick(&set, &[]), Some(1));
+        assert_eq!(last_resort_pick(&set, &[1]), Some(0));
+        assert_eq!(
+            last_resort_pick(&set, &[0, 1]),
+            None,
+            "never the ruled-out one"
+        );
     }
 }

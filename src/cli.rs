@@ -68,6 +68,10 @@ pub struct RunArgs {
     /// Admin address (readiness, metrics); overrides [admin] listen. Default 127.0.0.1:9901.
     #[arg(long, env = "LEGATE_ADMIN", value_name = "ADDR")]
     pub admin: Option<SocketAddr>,
+    /// Where a new legate takes this one's sockets over: @NAME (abstract), a path, or
+    /// "off"; overrides [runtime] handoff_socket. Default @legate-handoff:<admin address>.
+    #[arg(long, env = "LEGATE_HANDOFF_SOCKET", value_name = "SOCKET", value_parser = crate::config::Handoff::parse)]
+    pub handoff_socket: Option<crate::config::Handoff>,
     /// Log format.
     #[arg(long, env = "LEGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -110,6 +114,11 @@ pub struct WaitArgs {
     /// Give up after this long (250ms, 2s, 5m).
     #[arg(long, env = "LEGATE_WAIT_TIMEOUT", value_name = "DUR", default_value = "60s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// SidecarSet hot upgrade (a PostStart hook): wait until the legate of this container
+    /// (the one whose SIDECARSET_VERSION is ours) answers /ready; exit 0 at once in the
+    /// empty container (SIDECARSET_VERSION=0).
+    #[arg(long)]
+    pub handover: bool,
     /// Command to exec once ready (its exit status becomes ours).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,

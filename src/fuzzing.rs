@@ -112,6 +112,17 @@ pub fn mysql_greeting(data: &[u8]) -> Result<(), String> {
     }
 }
 
+/// A frame arriving on the handoff socket (a newcomer's or the running legate's message).
+pub fn handover_message(data: &[u8]) -> Result<(), String> {
+    use crate::lifecycle::handover::protocol;
+    let message = protocol::decode(data).map_err(|error| error.to_string())?;
+    // What decodes must encode back to a frame that decodes the same.
+    if protocol::decode(&protocol::encode(&message)).as_ref() != Ok(&message) {
+        panic!("{message:?} does not survive a round trip");
+    }
+    Ok(())
+}
+
 /// Bytes sent to the admin port by a loopback peer, served by the real hyper connection
 /// and router over an in-memory pipe against a process with one listener; returns what
 /// the admin server wrote back. Panics if the connection is still open 10s after the

@@ -33,7 +33,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Wait(wait) => {
-            let code = legate::wait::wait(wait.admin, wait.timeout, &wait.command);
+            let code = legate::wait::wait(wait.admin, wait.timeout, wait.handover, &wait.command);
             ExitCode::from(code.clamp(0, 255) as u8)
         }
         Command::Run(run) => {
@@ -46,6 +46,7 @@ fn main() -> ExitCode {
                 path: run.config.clone(),
                 quick,
                 admin: run.admin,
+                handoff: run.handoff_socket.clone(),
             };
             let config = match source.load() {
                 Ok(config) => config,

@@ -30,6 +30,7 @@ pub const PANICS_TOTAL: &str = "legate_panics_total";
 pub const TLS_HANDSHAKE_ERRORS_TOTAL: &str = "legate_tls_handshake_errors_total";
 pub const TLS_HANDSHAKE_SECONDS: &str = "legate_tls_handshake_seconds";
 pub const DNS_TRUNCATED_TOTAL: &str = "legate_dns_truncated_total";
+pub const HANDOFFS_TOTAL: &str = "legate_handoffs_total";
 
 /// Panics anywhere in the process. A panic hook has no way to reach a `Metrics`
 /// instance, and a panic is a process-wide event anyway, so this one count is global;
@@ -89,6 +90,9 @@ pub struct Metrics {
     pub ready: IntGauge,
     pub tls_cert_expiry: prometheus::GaugeVec,
     pub panics: IntCounter,
+    /// Socket handovers by result: `committed` (handed over), `taken` (took over),
+    /// `aborted` (the newcomer went away before committing), `error`, `busy`.
+    pub handoffs: IntCounterVec,
 }
 
 /// Label handles for one listener, resolved once.
@@ -359,11 +363,20 @@ impl Metrics {
                 "Reloads of configuration, endpoint files and DNS answers.",
                 &["source", "result"],
             ),
+            handoffs: counter_vec(
+                &registry,
+                HANDOFFS_TOTAL,
+                "Listening-socket handovers to or from another legate process, by result (committed, taken, aborted, error, busy).",
+                &["result"],
+            ),
             ready,
             tls_cert_expiry,
             panics,
             registry,
         };
+        for result in ["committed", "taken", "aborted", "error", "busy"] {
+            metrics.handoffs.with_label_values(&[result]);
+        }
         // Series that exist from the start read 0, not absent, so alerts can use rate().
         for source in ["config", "file", "dns", "tls"] {
             for result in ["ok", "error"] {

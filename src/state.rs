@@ -28,6 +28,9 @@ pub struct Shared {
     pub readiness_changed: Notify,
     /// Cancelled to ask for a graceful shutdown (the admin `/quitquitquit` path).
     pub shutdown: CancellationToken,
+    /// `SIDECARSET_VERSION` from the environment (OpenKruise hot upgrade), sent with every
+    /// `/ready` answer so `legate wait --handover` can tell which container answers.
+    pub sidecarset_version: Option<String>,
 }
 
 impl Shared {
@@ -40,6 +43,9 @@ impl Shared {
             ready_file,
             readiness_changed: Notify::new(),
             shutdown: CancellationToken::new(),
+            sidecarset_version: std::env::var(crate::lifecycle::sidecarset::VERSION)
+                .ok()
+                .filter(|version| !version.is_empty()),
         }
     }
 

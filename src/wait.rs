@@ -1,5 +1,10 @@
 //! `legate wait`: block until `/ready` answers 200, then exit 0 or become CMD (exec), so
 //! an app's entrypoint can be `legate wait -- app` where there are no native sidecars.
+//!
+//! `--handover` is a SidecarSet hot upgrade's PostStart hook: it waits until the admin
+//! port is answered by the legate of this container, told by the
+//! `legate-sidecarset-version` header matching our own `SIDECARSET_VERSION`; until the
+//! handover commits, the old container's legate answers with its own version.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -7,8 +12,19 @@ use std::time::{Duration, Instant};
 
 const POLL: Duration = Duration::from_millis(100);
 
+/// The header `/ready` answers carry when the process has a `SIDECARSET_VERSION`.
+pub const VERSION_HEADER: &str = "legate-sidecarset-version";
+
 /// Returns the exit code (it only returns when not exec'ing, or when exec failed).
-pub fn wait(admin: SocketAddr, timeout: Duration, command: &[String]) -> i32 {
+pub fn wait(admin: SocketAddr, timeout: Duration, handover: bool, command: &[String]) -> i32 {
+    let ours = handover
+        .then(|| std::env::var(crate::lifecycle::sidecarset::VERSION).ok())
+        .flatten()
+        .filter(|version| !version.is_empty());
+    if ours.as_deref() == Some("0") {
+        // The empty container of a hot upgrade: there is no legate here to wait for.
+        return 0;
+    }
     let deadline = Instant::now() + timeout;
     let mut last;
     loop {
@@ -17,8 +33,16 @@ pub fn wait(admin: SocketAddr, timeout: Duration, command: &[String]) -> i32 {
             admin,
             left.clamp(Duration::from_millis(50), Duration::from_secs(1)),
         ) {
-            Ok((200, _)) => break,
-            Ok((status, body)) => {
+            Ok((200, _, version)) => match &ours {
+                Some(ours) if version.as_deref() != Some(ours.as_str()) => {
+                    last = format!(
+                        "/ready is answered by the legate of SIDECARSET_VERSION {}, not ours ({ours}): the handover has not committed yet",
+                        version.as_deref().unwrap_or("(none)")
+                    );
+                }
+                _ => break,
+            },
+            Ok((status, body, _)) => {
                 last = format!(
                     "/ready answered {status}: {}",
                     body.trim().replace('\n', "; ")
@@ -45,7 +69,8 @@ pub fn wait(admin: SocketAddr, timeout: Duration, command: &[String]) -> i32 {
     127
 }
 
-fn probe(admin: SocketAddr, timeout: Duration) -> Result<(u16, String), String> {
+/// Status, body, and the `legate-sidecarset-version` header of one `/ready`.
+fn probe(admin: SocketAddr, timeout: Duration) -> Result<(u16, String, Option<String>), String> {
     let mut stream = TcpStream::connect_timeout(&admin, timeout)
         .map_err(|error| format!("cannot connect to {admin}: {error}"))?;
     let io = |error: std::io::Error| format!("{admin}: {error}");
@@ -65,6 +90,12 @@ fn probe(admin: SocketAddr, timeout: Duration) -> Result<(u16, String), String> 
         .nth(1)
         .and_then(|code| code.parse::<u16>().ok())
         .ok_or_else(|| format!("{admin} did not answer HTTP"))?;
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    Ok((status, body))
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let version = head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case(VERSION_HEADER)
+            .then(|| value.trim().to_string())
+    });
+    Ok((status, body.to_string(), version))
 }

@@ -28,6 +28,9 @@ const TARGETS: &[(&str, Replay)] = &[
     ("mysql_greeting", |data| {
         legate::fuzzing::mysql_greeting(data).is_ok()
     }),
+    ("handover_message", |data| {
+        legate::fuzzing::handover_message(data).is_ok()
+    }),
     ("admin_request", |data| {
         let response = legate::fuzzing::admin_request(data);
         response.starts_with(b"HTTP/1.1 200 ") || response.starts_with(b"HTTP/1.0 200 ")

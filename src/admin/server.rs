@@ -144,7 +144,7 @@ fn route(shared: &Shared, request: &Request<Incoming>, peer: SocketAddr) -> Resp
     match path {
         "/ready" => {
             let reasons = ready::reasons(shared);
-            if reasons.is_empty() {
+            let mut response = if reasons.is_empty() {
                 ready::latch_started(shared);
                 text(StatusCode::OK, "ready\n")
             } else {
@@ -152,7 +152,18 @@ fn route(shared: &Shared, request: &Request<Incoming>, peer: SocketAddr) -> Resp
                     StatusCode::SERVICE_UNAVAILABLE,
                     &(reasons.join("\n") + "\n"),
                 )
+            };
+            // Which SidecarSet container answers: `legate wait --handover` needs it.
+            if let Some(version) = shared
+                .sidecarset_version
+                .as_deref()
+                .and_then(|version| HeaderValue::from_str(version).ok())
+            {
+                response
+                    .headers_mut()
+                    .insert(crate::wait::VERSION_HEADER, version);
             }
+            response
         }
         "/startup" => {
             if ready::reasons(shared).is_empty() {

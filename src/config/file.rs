@@ -14,8 +14,8 @@
 use super::duration::parse_duration;
 use super::target::{parse_host_port, validate_dns_name, HostPort, Target};
 use super::{
-    AdminConfig, Balance, CheckKind, Config, ConfigError, DnsConfig, HealthConfig, ListenerConfig,
-    RuntimeConfig, Secret, TlsClientConfig, TlsServerConfig, TlsVersion,
+    AdminConfig, Balance, CheckKind, Config, ConfigError, DnsConfig, Handoff, HealthConfig,
+    ListenerConfig, RuntimeConfig, Secret, TlsClientConfig, TlsServerConfig, TlsVersion,
 };
 use serde::de::{self, Deserializer, SeqAccess, Unexpected, Visitor};
 use serde::Deserialize;
@@ -94,6 +94,7 @@ struct RawAdmin {
 struct RawRuntime {
     shutdown_delay: Option<Text<Duration>>,
     drain_timeout: Option<Spanned<Text<Duration>>>,
+    handoff_socket: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -548,6 +549,11 @@ fn validate_runtime(
     }
     if let Some(timeout) = raw.drain_timeout {
         runtime.drain_timeout = positive(timeout, "drain_timeout", source)?;
+    }
+    if let Some(handoff) = raw.handoff_socket {
+        let span = handoff.span();
+        runtime.handoff_socket =
+            Handoff::parse(handoff.get_ref()).map_err(|message| source.error(span, message))?;
     }
     Ok(runtime)
 }
@@ -1161,6 +1167,41 @@ mod tests {
             let listener = listener_ok(&format!("balance = \"{balance}\""));
             assert_eq!(listener.balance.as_str(), balance);
         }
+    }
+
+    #[test]
+    fn handoff_socket_is_abstract_a_path_or_off() {
+        use crate::config::HandoffSocket;
+        let admin: SocketAddr = "127.0.0.1:9901".parse().unwrap();
+        let socket = |text: &str| {
+            ok(&format!(
+                "[runtime]\nhandoff_socket = \"{text}\"\n{LISTENER}"
+            ))
+            .runtime
+            .handoff_socket
+            .socket(admin)
+        };
+        assert_eq!(socket("@up"), Some(HandoffSocket::Abstract("up".into())));
+        assert_eq!(
+            socket("/run/legate/h.sock"),
+            Some(HandoffSocket::Path("/run/legate/h.sock".into()))
+        );
+        assert_eq!(socket("off"), None);
+        assert_eq!(
+            ok(LISTENER).runtime.handoff_socket.socket(admin),
+            Some(HandoffSocket::Abstract(
+                "legate-handoff:127.0.0.1:9901".into()
+            )),
+            "the default is named after the admin address"
+        );
+        let (line, col, message) = err(&format!("[runtime]\nhandoff_socket = \"\"\n{LISTENER}"));
+        assert_eq!((line, col), (2, 18));
+        assert!(message.contains("empty handoff_socket"), "{message}");
+        let long = "x".repeat(108);
+        let (_, _, message) = err(&format!(
+            "[runtime]\nhandoff_socket = \"@{long}\"\n{LISTENER}"
+        ));
+        assert!(message.contains("at most 107"), "{message}");
     }
 
     #[test]

@@ -40,6 +40,70 @@ pub struct RuntimeConfig {
     pub shutdown_delay: Duration,
     /// Default 30s: how long open connections may take to finish once accepting stopped.
     pub drain_timeout: Duration,
+    /// Where a new legate finds this one to take its sockets over.
+    pub handoff_socket: Handoff,
+}
+
+/// `[runtime] handoff_socket`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Handoff {
+    /// Unset: `@legate-handoff:<admin listen address>`, so legates with different admin
+    /// addresses (different instances) never take each other's sockets.
+    #[default]
+    Default,
+    /// `"off"`: never hand over, never take over.
+    Off,
+    /// Set explicitly.
+    At(HandoffSocket),
+}
+
+impl Handoff {
+    /// `@name`, `off`, or a path (at most 107 bytes, the limit of a Unix socket address).
+    pub fn parse(text: &str) -> Result<Handoff, String> {
+        let socket = match text {
+            "off" => return Ok(Handoff::Off),
+            "" | "@" => {
+                return Err("an empty handoff_socket (use \"off\" to turn handover off)".into())
+            }
+            _ => match text.strip_prefix('@') {
+                Some(name) => HandoffSocket::Abstract(name.to_string()),
+                None => HandoffSocket::Path(PathBuf::from(text)),
+            },
+        };
+        if text.len() > 107 {
+            return Err(format!(
+                "handoff_socket {text:?} is {} bytes long; a Unix socket address holds at most 107",
+                text.len()
+            ));
+        }
+        Ok(Handoff::At(socket))
+    }
+
+    /// The socket to use with this admin address, or `None` when off.
+    pub fn socket(&self, admin: SocketAddr) -> Option<HandoffSocket> {
+        match self {
+            Handoff::Default => Some(HandoffSocket::Abstract(format!("legate-handoff:{admin}"))),
+            Handoff::Off => None,
+            Handoff::At(socket) => Some(socket.clone()),
+        }
+    }
+}
+
+/// A Unix socket address: abstract (`@name`, Linux; reaches across the containers of a
+/// Pod, which share a network namespace) or a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandoffSocket {
+    Abstract(String),
+    Path(PathBuf),
+}
+
+impl std::fmt::Display for HandoffSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandoffSocket::Abstract(name) => write!(f, "@{name}"),
+            HandoffSocket::Path(path) => write!(f, "{}", path.display()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -241,6 +305,7 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             shutdown_delay: Duration::ZERO,
             drain_timeout: Duration::from_secs(30),
+            handoff_socket: Handoff::Default,
         }
     }
 }

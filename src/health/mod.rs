@@ -198,6 +198,9 @@ pub(crate) fn printable(bytes: &[u8], max: usize) -> String {
 /// Check `listener`'s endpoints until `token` is cancelled.
 pub async fn run(listener: Arc<ListenerState>, shared: Arc<Shared>, token: CancellationToken) {
     let mut only_new = false;
+    // The first round runs at once, unspread: readiness (and a handover's commit) waits
+    // for it, and processes start at different times anyway.
+    let mut first = true;
     loop {
         let changed = listener.endpoints.changed.notified();
         tokio::pin!(changed);
@@ -236,7 +239,7 @@ pub async fn run(listener: Arc<ListenerState>, shared: Arc<Shared>, token: Cance
                     let timeout = health.timeout;
                     // Newcomers are checked at once; periodic probes of many endpoints
                     // are spread over up to a tenth of the interval.
-                    let spread = if only_new {
+                    let spread = if only_new || first {
                         Duration::ZERO
                     } else {
                         health.interval.mul_f64(fastrand::f64() * 0.1)
@@ -302,6 +305,7 @@ pub async fn run(listener: Arc<ListenerState>, shared: Arc<Shared>, token: Cance
                 }
             }
         }
+        first = false;
         if any_change {
             listener.endpoints.health_changed.notify_waiters();
             shared.readiness_changed.notify_one();

@@ -12,15 +12,22 @@
 //! connections run on) and changed in place (upstreams, balance, timeouts, health).
 //! Reloads run one at a time in the main loop, so a SIGHUP storm coalesces.
 //!
+//! Handover (`handover`): a new legate takes the listening sockets over; this process
+//! stops accepting at the commit, drains and exits 0. SidecarSet hot upgrade
+//! (`sidecarset`) decides whether a process serves at all.
+//!
 //! Shutdown (SIGTERM, SIGINT or `POST /quitquitquit`): `/ready` turns 503 at once (and
 //! the ready file goes), listeners keep accepting for `shutdown_delay`, then stop (new
 //! connections are refused at once), open connections get `drain_timeout` to finish,
 //! the rest are closed, and the process exits 0 — a clean drain is not a failure. A
 //! second SIGTERM or SIGINT ends the drain at once. SIGHUP during a drain is ignored.
 
+pub mod handover;
+pub mod sidecarset;
+
 use crate::admin;
 use crate::balance::Balancer;
-use crate::config::{Config, ListenerConfig, Target};
+use crate::config::{Config, Handoff, HandoffSocket, ListenerConfig, Target};
 use crate::discovery;
 use crate::discovery::dns::DnsResolver;
 use crate::health;
@@ -29,7 +36,9 @@ use crate::state::{ListenerState, Shared};
 use crate::supervise;
 use crate::tls::{self, Expiry, ListenerTls};
 use crate::watch::FileWatch;
+use handover::protocol::Role;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -57,6 +66,12 @@ pub enum StartError {
     Dns(String),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("{0}")]
+    Handover(#[from] handover::HandoverError),
+    #[error("handoff_socket is set, but supervise mode (`-- CMD`) cannot hand its sockets over: the app's life is this process's; remove one of the two")]
+    SuperviseHandoff,
+    #[error("{0}")]
+    SidecarSet(String),
 }
 
 /// Where the configuration came from, so a reload can rebuild it the same way.
@@ -67,6 +82,8 @@ pub struct Source {
     pub quick: Vec<ListenerConfig>,
     /// `--admin`, which wins over `[admin] listen`.
     pub admin: Option<SocketAddr>,
+    /// `--handoff-socket`, which wins over `[runtime] handoff_socket`.
+    pub handoff: Option<Handoff>,
 }
 
 impl Source {
@@ -83,6 +100,9 @@ impl Source {
         config.listeners.extend(self.quick.iter().cloned());
         if let Some(admin) = self.admin {
             config.admin.listen = admin;
+        }
+        if let Some(handoff) = &self.handoff {
+            config.runtime.handoff_socket = handoff.clone();
         }
         config.validate_quick()?;
         Ok(config)
@@ -133,6 +153,8 @@ impl Signals {
 struct Running {
     state: Arc<ListenerState>,
     accept_loop: JoinHandle<TcpListener>,
+    /// A duplicate of its socket's descriptor, for a handover.
+    offered: Option<(handover::protocol::Offered, Arc<OwnedFd>)>,
 }
 
 struct Supervisor {
@@ -145,31 +167,57 @@ struct Supervisor {
     connections: CancellationToken,
     tracker: TaskTracker,
     running: Vec<Running>,
+    /// Cancelled once accepting may begin: at once, or, when this process took the
+    /// sockets over, at the commit (until then the old process accepts).
+    go: CancellationToken,
+    /// What a handover would offer now; the admin and handoff sockets never change.
+    offer: Arc<handover::Offer>,
+    fixed_offer: Vec<(handover::protocol::Offered, Arc<OwnedFd>)>,
 }
 
-/// Run until shut down; returns the exit code.
-pub async fn run(config: Config, source: Source) -> Result<i32, StartError> {
-    run_supervising(config, source, Vec::new()).await
-}
-
-/// [`run`], and in supervise mode (`command` not empty) start the app once ready, pass
-/// signals on to it, and when it exits drain and return its exit code (see `supervise`).
+/// Run until shut down (or handed over); returns the exit code. In supervise mode
+/// (`command` not empty) start the app once ready, pass signals on to it, and when it
+/// exits drain and return its exit code (see `supervise`).
 pub async fn run_supervising(
     config: Config,
     source: Source,
     command: Vec<String>,
 ) -> Result<i32, StartError> {
     let mut signals = Signals::install()?;
+    if let sidecarset::Role::Idle(why) = sidecarset::role().map_err(StartError::SidecarSet)? {
+        tracing::info!(why, "binding nothing; waiting for SIGTERM");
+        let signal = signals.stop_requested().await;
+        tracing::info!(signal, "exiting");
+        return Ok(0);
+    }
+    // Supervise mode: the app lives and dies with this process, so there is nothing a
+    // newcomer could take over without leaving the app behind.
+    let handoff = match (&config.runtime.handoff_socket, command.is_empty()) {
+        (Handoff::At(_), false) => return Err(StartError::SuperviseHandoff),
+        (_, false) => None,
+        (handoff, true) => handoff.socket(config.admin.listen),
+    };
+    let mut taken = match &handoff {
+        Some(socket) => handover::take(socket).await?,
+        None => None,
+    };
     let shared = Arc::new(Shared::new(config.admin.ready_file.clone()));
-    // A ready file left by a killed predecessor must not claim readiness for us.
-    if let Some(path) = &shared.ready_file {
+    // A ready file left by a killed predecessor must not claim readiness for us; one
+    // kept by the process we take over from is true until the commit, and ours after.
+    if let (Some(path), None) = (&shared.ready_file, &taken) {
         let _ = std::fs::remove_file(path);
     }
-    let admin_socket = listener::bind(config.admin.listen).map_err(|error| StartError::Bind {
-        what: "admin",
-        addr: config.admin.listen,
-        error,
-    })?;
+    let adopt = |taken: &mut Option<handover::Taken>, role: Role, addr: SocketAddr| {
+        taken.as_mut().and_then(|taken| taken.tcp(role, addr))
+    };
+    let admin_socket = match adopt(&mut taken, Role::Admin, config.admin.listen) {
+        Some(socket) => socket,
+        None => listener::bind(config.admin.listen).map_err(|error| StartError::Bind {
+            what: "admin",
+            addr: config.admin.listen,
+            error,
+        })?,
+    };
     if !config.admin.listen.ip().is_loopback() {
         // /quitquitquit answers loopback peers only, but the read-only endpoints do not.
         tracing::warn!(admin = %config.admin.listen, "the admin port is not on loopback: anyone who reaches it can read /endpoints and /metrics (backend addresses, health reasons)");
@@ -183,16 +231,42 @@ pub async fn run_supervising(
     }
     let mut sockets = Vec::with_capacity(config.listeners.len());
     for listener_config in &config.listeners {
-        sockets.push(
-            listener::bind(listener_config.listen).map_err(|error| StartError::Bind {
+        let socket = match adopt(&mut taken, Role::Listener, listener_config.listen) {
+            Some(socket) => socket,
+            None => listener::bind(listener_config.listen).map_err(|error| StartError::Bind {
                 what: "listener",
                 addr: listener_config.listen,
                 error,
             })?,
-        );
+        };
+        sockets.push(socket);
     }
+    let handoff_socket = match (&handoff, taken.as_mut().and_then(|t| t.handoff())) {
+        (_, Some(adopted)) => Some(adopted),
+        (Some(socket), None) => bind_handoff(socket),
+        (None, None) => None,
+    };
     let resolver = Arc::new(DnsResolver::new(&config.dns).map_err(StartError::Dns)?);
 
+    let go = CancellationToken::new();
+    if taken.is_none() {
+        go.cancel();
+    }
+    let mut fixed_offer = Vec::new();
+    fixed_offer.extend(handover::offered(
+        Role::Admin,
+        "",
+        config.admin.listen.to_string(),
+        admin_socket.as_fd(),
+    ));
+    if let (Some(socket), Some(listener)) = (&handoff, &handoff_socket) {
+        fixed_offer.extend(handover::offered(
+            Role::Handoff,
+            "",
+            socket.to_string(),
+            listener.as_fd(),
+        ));
+    }
     let mut supervisor = Supervisor {
         shared: Arc::clone(&shared),
         resolver,
@@ -203,6 +277,9 @@ pub async fn run_supervising(
         connections: CancellationToken::new(),
         tracker: TaskTracker::new(),
         running: Vec::new(),
+        go: go.clone(),
+        offer: Arc::new(handover::Offer::default()),
+        fixed_offer,
     };
     for ((listener_config, socket), material) in config.listeners.iter().zip(sockets).zip(materials)
     {
@@ -214,12 +291,32 @@ pub async fn run_supervising(
         Arc::clone(&shared),
         supervisor.background.clone(),
     ));
-    tokio::spawn(admin::server::serve(
-        admin_socket,
-        Arc::clone(&shared),
-        supervisor.background.clone(),
+    // The admin port and the handoff socket, like the listeners, start serving at `go`.
+    let admin_stop = supervisor.background.child_token();
+    let mut admin_server = tokio::spawn(gated(
+        go.clone(),
+        admin_stop.clone(),
+        admin::server::serve(admin_socket, Arc::clone(&shared), admin_stop.clone()),
     ));
-    tracing::info!(admin = %config.admin.listen, listeners = config.listeners.len(), "legate started");
+    let (commits_tx, mut commits) = tokio::sync::mpsc::channel(1);
+    let handoff_stop = supervisor.background.child_token();
+    let _handoff_server = handoff_socket.map(|listener| {
+        tokio::spawn(gated(
+            go.clone(),
+            handoff_stop.clone(),
+            handover::serve(
+                listener,
+                Arc::clone(&supervisor.offer),
+                Arc::clone(&shared),
+                commits_tx,
+                handoff_stop.clone(),
+            ),
+        ))
+    });
+    if let Some(taken) = taken {
+        take_over(taken, &shared, &go).await?;
+    }
+    tracing::info!(admin = %config.admin.listen, listeners = config.listeners.len(), handoff_socket = handoff.as_ref().map(|s| s.to_string()), "legate started");
 
     let mut config_watch = supervisor
         .source
@@ -236,6 +333,7 @@ pub async fn run_supervising(
     // drains once the app has exited (the app may need legate to finish its work).
     let mut app_stopping = false;
     let mut exit_code = 0;
+    let mut handed_over = false;
     let cause = loop {
         let config_changed = async {
             match config_watch.as_mut() {
@@ -251,6 +349,24 @@ pub async fn run_supervising(
         };
         let quit_asked = shared.shutdown.is_cancelled();
         tokio::select! {
+            Some(request) = commits.recv() => {
+                let pid = request.pid;
+                // Stop accepting everywhere first: from the confirmation on, only the
+                // newcomer accepts, from the same sockets and their queues.
+                supervisor.accepting.cancel();
+                for running in std::mem::take(&mut supervisor.running) {
+                    let _ = running.accept_loop.await;
+                }
+                admin_stop.cancel();
+                let _ = (&mut admin_server).await;
+                handoff_stop.cancel();
+                handover::confirm(request).await;
+                shared.metrics.handoffs.with_label_values(&["committed"]).inc();
+                let open: usize = shared.listeners.load().iter().map(|l| l.active.load(Relaxed)).sum();
+                tracing::info!(newcomer = pid, open, offered = %handover::describe_offer(&supervisor.offer), "handed over: the new legate accepts now; draining the open connections");
+                handed_over = true;
+                break "handed over";
+            }
             event = signals.next() => match event {
                 Event::Stop(signal) => match app.as_ref().filter(|app| app.is_running()) {
                     Some(app) => {
@@ -307,18 +423,101 @@ pub async fn run_supervising(
             }
         }
     };
-    // With the app gone there is no one left to wait for: no shutdown_delay.
+    // With the app gone there is no one left to wait for: no shutdown_delay. After a
+    // handover the newcomer already accepts: nothing to wait for either.
     let delay = match app {
         Some(_) => Duration::ZERO,
+        None if handed_over => Duration::ZERO,
         None => supervisor.config.runtime.shutdown_delay,
     };
-    supervisor.drain(&mut signals, cause, delay).await;
+    supervisor
+        .drain(&mut signals, cause, delay, !handed_over)
+        .await;
     supervisor.background.cancel();
-    admin::ready::refresh(&shared);
-    if let Some(path) = &shared.ready_file {
-        let _ = std::fs::remove_file(path);
+    // After a handover, the address is ready (the newcomer's), and so is its ready file.
+    if !handed_over {
+        admin::ready::refresh(&shared);
+        if let Some(path) = &shared.ready_file {
+            let _ = std::fs::remove_file(path);
+        }
     }
     Ok(exit_code)
+}
+
+/// `serve`, started once `go` is cancelled, unless `stop` comes first.
+async fn gated<F: std::future::Future<Output = ()>>(
+    go: CancellationToken,
+    stop: CancellationToken,
+    serve: F,
+) {
+    tokio::select! {
+        biased;
+        _ = stop.cancelled() => {}
+        _ = go.cancelled() => serve.await,
+    }
+}
+
+/// Serve `socket` for the next handover; without it this process can still run, only
+/// not be upgraded in place, so a failure is a warning.
+fn bind_handoff(socket: &HandoffSocket) -> Option<tokio::net::UnixListener> {
+    let bound = handover_bind(socket);
+    match bound {
+        Ok(listener) => Some(listener),
+        Err(error) => {
+            tracing::warn!(handoff_socket = %socket, %error, "cannot serve the handoff socket: this process cannot hand its sockets over");
+            None
+        }
+    }
+}
+
+fn handover_bind(socket: &HandoffSocket) -> std::io::Result<tokio::net::UnixListener> {
+    let listener = handover::bind(socket)?;
+    listener.set_nonblocking(true)?;
+    tokio::net::UnixListener::from_std(listener)
+}
+
+/// The newcomer's side after taking the sockets: wait for the first discovery and health
+/// round (bounded), so it is ready before it accepts, then commit and start accepting.
+async fn take_over(
+    taken: handover::Taken,
+    shared: &Shared,
+    go: &CancellationToken,
+) -> Result<(), StartError> {
+    let started = tokio::time::Instant::now();
+    while !first_round_done(shared) && started.elapsed() < handover::READY_WAIT {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (old, offered, unused) = (taken.old_pid, taken.describe(), taken.unused());
+    let committed = handover::commit(taken).await?;
+    go.cancel();
+    shared.metrics.handoffs.with_label_values(&["taken"]).inc();
+    let confirmed = matches!(committed, handover::Committed::Confirmed);
+    tracing::info!(
+        old,
+        offered,
+        unused,
+        confirmed,
+        ready_after_ms = started.elapsed().as_millis() as u64,
+        "took over: accepting now (the old legate drains and exits)"
+    );
+    Ok(())
+}
+
+/// Every target has answered (or failed) once and every endpoint has had its first check.
+fn first_round_done(shared: &Shared) -> bool {
+    shared.listeners.load().iter().all(|listener| {
+        listener
+            .endpoints
+            .sources()
+            .iter()
+            .all(|source| source.resolved || source.error.is_some())
+            && listener
+                .endpoints
+                .load()
+                .endpoints
+                .iter()
+                .all(|endpoint| endpoint.state.health() != crate::discovery::Health::Unknown)
+    })
 }
 
 /// Supervise mode: the first stop request turns `/ready` 503 while legate keeps
@@ -357,19 +556,42 @@ impl Supervisor {
             state.tasks.clone(),
         ));
         tracing::info!(listener = %state.name, listen = %state.config.load().listen, "listening");
-        let accept_loop = tokio::spawn(listener::serve(
+        let listen = state.config.load().listen;
+        let offered = handover::offered(
+            Role::Listener,
+            &state.name,
+            listen.to_string(),
+            socket.as_fd(),
+        );
+        let (go, stop) = (self.go.clone(), state.accept_token.clone());
+        let (serving, tracker, connections) = (
             Arc::clone(&state),
-            socket,
             self.tracker.clone(),
             self.connections.clone(),
-        ));
-        Running { state, accept_loop }
+        );
+        let accept_loop = tokio::spawn(async move {
+            // Before `go` (a handover not committed yet) the old process accepts.
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return socket,
+                _ = go.cancelled() => {}
+            }
+            listener::serve(serving, socket, tracker, connections).await
+        });
+        Running {
+            state,
+            accept_loop,
+            offered,
+        }
     }
 
     fn publish_listeners(&self) {
         let states = self.running.iter().map(|r| Arc::clone(&r.state)).collect();
         self.shared.listeners.store(Arc::new(states));
         self.shared.readiness_changed.notify_one();
+        let mut offer = self.fixed_offer.clone();
+        offer.extend(self.running.iter().filter_map(|r| r.offered.clone()));
+        self.offer.replace(offer);
     }
 
     /// Start one discovery task per target under a fresh token (replacing the old).
@@ -615,16 +837,25 @@ impl Supervisor {
         tracing::info!(listener = %state.name, "listener changed in place");
     }
 
-    async fn drain(&mut self, signals: &mut Signals, cause: &str, delay: Duration) {
+    /// `announce`: turn `/ready` 503 first (a shutdown); not after a handover, where the
+    /// address stays ready, served by the newcomer.
+    async fn drain(&mut self, signals: &mut Signals, cause: &str, delay: Duration, announce: bool) {
         let shared = &self.shared;
-        shared.draining.store(true, Relaxed);
-        admin::ready::refresh(shared);
+        if announce {
+            shared.draining.store(true, Relaxed);
+            admin::ready::refresh(shared);
+        }
+        // The offer holds duplicates of the listening sockets: once accepting stops they
+        // must close, so new connections are refused rather than queued for no one. A
+        // newcomer arriving now is refused (see `handover::serve`).
+        self.fixed_offer.clear();
         let drain_timeout = self.config.runtime.drain_timeout;
         tracing::info!(
             cause,
             shutdown_delay = %health::show(delay),
             drain_timeout = %health::show(drain_timeout),
-            "shutting down: /ready is 503"
+            "{}",
+            if announce { "shutting down: /ready is 503" } else { "shutting down" }
         );
         let forced = tokio::select! {
             _ = tokio::time::sleep(delay) => None,
@@ -634,6 +865,7 @@ impl Supervisor {
         for running in std::mem::take(&mut self.running) {
             let _ = running.accept_loop.await;
         }
+        self.offer.replace(Vec::new());
         self.tracker.close();
         let open = || -> usize {
             shared

@@ -17,8 +17,8 @@
 //! - `admin`: the admin HTTP server (/ready, /startup, /live, /metrics, /endpoints).
 //! - `metrics`: the Prometheus registry and metric names.
 //! - `state`: the shared state the data plane and admin read.
-//! - `lifecycle`: start-up, signals, drain and exit.
-//! - `supervise`: `legate run ... -- CMD`, the app started once ready, signals passed on.
+//! - `lifecycle`: start (fresh or adopted sockets), signals, reload, drain, handover to a
+//!   new process, SidecarSet roles, and supervise mode (`legate run ... -- CMD`).
 //! - `wait`: `legate wait`.
 //! - `logging`: log setup and rate limits.
 //! - `watch`: watching a file through every way it gets replaced.
@@ -61,8 +61,6 @@ pub mod metrics;
 pub mod proxy;
 #[forbid(unsafe_code)]
 pub mod state;
-#[forbid(unsafe_code)]
-pub mod supervise;
 #[forbid(unsafe_code)]
 pub mod tls;
 #[forbid(unsafe_code)]

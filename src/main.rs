@@ -66,11 +66,8 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let result = runtime.block_on(legate::lifecycle::run_supervising(
-                config,
-                source,
-                run.command.clone(),
-            ));
+            let result =
+                runtime.block_on(legate::lifecycle::run(config, source, run.command.clone()));
             // Connection tasks still parked after the drain must not hold the exit.
             runtime.shutdown_timeout(std::time::Duration::from_secs(1));
             match result {

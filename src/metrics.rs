@@ -1,7 +1,7 @@
 //! Prometheus metrics: one `Metrics` value owns its own `Registry` (never a global),
 //! so two proxies in one process — as in tests — never collide.
 //!
-//! Names live here as constants and match PRODUCT.md exactly. Hot paths never look a
+//! Names live here as constants and match the README's Metrics table exactly. Hot paths never look a
 //! label up per chunk: each listener resolves its label handles once (`ListenerMetrics`).
 
 use prometheus::{

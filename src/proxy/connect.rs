@@ -11,6 +11,7 @@
 //! endpoint ruled out by what it answered (a replica, an error reply) is never dialled
 //! this way, and the attempts and `connect_timeout` bound the wait as for any dial.
 
+use super::stream::UpstreamStream;
 use crate::config::ListenerConfig;
 use crate::discovery::{monotonic_ms, EndpointSet, EndpointState, Health};
 use crate::state::ListenerState;
@@ -18,12 +19,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::TcpStream;
-
-/// The dialled upstream: plain TCP, or TLS when the listener originates TLS.
-pub enum UpstreamStream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
 
 pub struct Upstream {
     pub stream: UpstreamStream,

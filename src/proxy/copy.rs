@@ -6,7 +6,8 @@
 //! TLS sends close_notify before the TCP FIN) → done. Buffers are 16 KiB per direction,
 //! allocated at the first byte, so an idle TLS connection holds none of its own.
 
-use super::forward::{DirectionError, End, Progress, Side};
+use super::ending::{DirectionError, End, Progress, Side, SALVAGE};
+use super::stream::Transport;
 use crate::discovery::monotonic_ms;
 use prometheus::IntCounter;
 use std::io;
@@ -14,49 +15,8 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 const BUFFER: usize = 16 * 1024;
-
-/// A stream we can forward and, when a peer resets, abort.
-pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
-    fn tcp(&self) -> &TcpStream;
-    /// The socket itself when nothing (TLS) sits on top of it: such pairs splice.
-    fn plain(&self) -> Option<&TcpStream> {
-        None
-    }
-}
-
-impl Transport for TcpStream {
-    fn tcp(&self) -> &TcpStream {
-        self
-    }
-    fn plain(&self) -> Option<&TcpStream> {
-        Some(self)
-    }
-}
-
-/// TLS streams stay in the box the listener or the dial put them in.
-impl<T: Transport + ?Sized> Transport for Box<T> {
-    fn tcp(&self) -> &TcpStream {
-        (**self).tcp()
-    }
-    fn plain(&self) -> Option<&TcpStream> {
-        (**self).plain()
-    }
-}
-
-impl Transport for tokio_rustls::client::TlsStream<TcpStream> {
-    fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
-    }
-}
-
-impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
-    fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
-    }
-}
 
 #[derive(Default)]
 struct Direction {
@@ -244,7 +204,7 @@ pub(super) async fn copy_bidirectional<C: Transport, U: Transport>(
             }
             _ => Poll::Ready(Ok(())),
         });
-        let _ = tokio::time::timeout(super::forward::SALVAGE, salvage).await;
+        let _ = tokio::time::timeout(SALVAGE, salvage).await;
     }
     error.end(from, to)
 }

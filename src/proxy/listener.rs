@@ -7,7 +7,9 @@
 //! EMFILE back off (5ms doubling to 1s) instead of spinning.
 
 use super::connect::{self, ConnectError};
-use super::forward::{self, End};
+use super::ending::End;
+use super::forward;
+use super::stream::ClientStream;
 use crate::discovery::{monotonic_ms, EndpointState, Health};
 use crate::metrics::RejectReason;
 use crate::state::ListenerState;
@@ -240,21 +242,6 @@ fn errno_name(error: &std::io::Error) -> &'static str {
         Some(libc::ENOBUFS) => "ENOBUFS",
         Some(libc::ENOMEM) => "ENOMEM",
         _ => "other",
-    }
-}
-
-/// The accepted client: plain TCP, or TLS when the listener terminates TLS.
-pub enum ClientStream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-}
-
-impl ClientStream {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            ClientStream::Plain(stream) => stream,
-            ClientStream::Tls(stream) => stream.get_ref().0,
-        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! The data plane: accept (`listener`), dial with failover (`connect`), move bytes
-//! (`forward`, with `splice` on Linux).
+//! (`forward`, with `splice` on Linux, or `copy` through buffers for TLS). `stream` and
+//! `ending` hold what those share, so the modules depend on each other one way only.
 
 // `forbid` on each module but splice, the crate's one user of `unsafe` (see lib.rs).
 #[forbid(unsafe_code)]
@@ -7,11 +8,15 @@ pub mod connect;
 #[forbid(unsafe_code)]
 mod copy;
 #[forbid(unsafe_code)]
+mod ending;
+#[forbid(unsafe_code)]
 pub mod forward;
 #[forbid(unsafe_code)]
 pub mod listener;
 #[cfg(target_os = "linux")]
 mod splice;
+#[forbid(unsafe_code)]
+mod stream;
 
 use socket2::{SockRef, TcpKeepalive};
 use std::time::Duration;

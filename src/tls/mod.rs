@@ -13,20 +13,16 @@ pub mod client;
 pub mod server;
 
 use crate::config::{ListenerConfig, TlsClientConfig, TlsVersion};
-use crate::state::{ListenerState, Shared};
-use crate::watch::FileWatch;
+use crate::metrics::Metrics;
 use arc_swap::ArcSwapOption;
 use certs::CertError;
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 /// How long a client gets to finish its handshake on a `tls_server` listener.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Backstop re-read of certificate files.
-const POLL: Duration = Duration::from_secs(2);
 
 /// The notAfter of one certificate in use, for `legate_tls_cert_expiry_timestamp_seconds`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,71 +123,14 @@ pub fn files(config: &ListenerConfig) -> Vec<PathBuf> {
     files
 }
 
-pub fn publish_expiries(shared: &Shared, listener: &str, expiries: &[Expiry]) {
+/// `legate_tls_cert_expiry_timestamp_seconds` for each certificate of `listener`.
+pub fn publish_expiries(metrics: &Metrics, listener: &str, expiries: &[Expiry]) {
     for expiry in expiries {
-        shared
-            .metrics
+        metrics
             .tls_cert_expiry
             .with_label_values(&[listener, expiry.role])
             .set(expiry.not_after as f64);
     }
-}
-
-/// Reload `listener`'s TLS material whenever one of its files changes, until cancelled.
-pub async fn watch(listener: Arc<ListenerState>, shared: Arc<Shared>, token: CancellationToken) {
-    let config = listener.config.load_full();
-    let paths = files(&config);
-    if paths.is_empty() {
-        return;
-    }
-    let mut watches: Vec<FileWatch> = paths.iter().map(|p| FileWatch::new(p, POLL)).collect();
-    let mut last: Vec<Option<Vec<u8>>> = paths.iter().map(|p| std::fs::read(p).ok()).collect();
-    let mut last_error: Option<String> = None;
-    loop {
-        let changed = futures_any(&mut watches);
-        tokio::select! {
-            _ = token.cancelled() => return,
-            _ = changed => {}
-        }
-        let now: Vec<Option<Vec<u8>>> = paths.iter().map(|p| std::fs::read(p).ok()).collect();
-        if now == last {
-            continue;
-        }
-        last = now;
-        let config = listener.config.load_full();
-        match listener.tls.rebuild(&config) {
-            Ok(expiries) => {
-                publish_expiries(&shared, &listener.name, &expiries);
-                shared.metrics.reload("tls", true);
-                last_error = None;
-                tracing::info!(listener = %listener.name, "TLS material reloaded; new handshakes use it");
-            }
-            Err(error) => {
-                let message = error.to_string();
-                // A cert and key written one after the other pass through a mismatched
-                // state; count it, but log a persisting problem once.
-                shared.metrics.reload("tls", false);
-                if last_error.as_ref() != Some(&message) {
-                    tracing::warn!(listener = %listener.name, %error, "TLS material refused; keeping the previous certificates");
-                    last_error = Some(message);
-                }
-            }
-        }
-    }
-}
-
-/// Resolves when any of the watches fires.
-async fn futures_any(watches: &mut [FileWatch]) {
-    let mut pending: Vec<_> = watches.iter_mut().map(|w| Box::pin(w.changed())).collect();
-    std::future::poll_fn(|cx| {
-        for future in pending.iter_mut() {
-            if std::future::Future::poll(future.as_mut(), cx).is_ready() {
-                return std::task::Poll::Ready(());
-            }
-        }
-        std::task::Poll::Pending
-    })
-    .await
 }
 
 /// A short, stable label for why a handshake failed (never the peer's raw text).

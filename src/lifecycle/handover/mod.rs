@@ -243,6 +243,50 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// The newcomer's side after taking the sockets: wait for the first discovery and health
+/// round (bounded), so it is ready before it accepts, then commit and start accepting.
+pub async fn take_over(
+    taken: Taken,
+    shared: &crate::state::Shared,
+    go: &CancellationToken,
+) -> Result<(), super::StartError> {
+    let started = tokio::time::Instant::now();
+    while !first_round_done(shared) && started.elapsed() < READY_WAIT {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (old, offered, unused) = (taken.old_pid, taken.describe(), taken.unused());
+    let committed = commit(taken).await?;
+    go.cancel();
+    shared.metrics.handoffs.with_label_values(&["taken"]).inc();
+    let confirmed = matches!(committed, Committed::Confirmed);
+    tracing::info!(
+        old,
+        offered,
+        unused,
+        confirmed,
+        ready_after_ms = started.elapsed().as_millis() as u64,
+        "took over: accepting now (the old legate drains and exits)"
+    );
+    Ok(())
+}
+
+/// Every target has answered (or failed) once and every endpoint has had its first check.
+fn first_round_done(shared: &crate::state::Shared) -> bool {
+    shared.listeners.load().iter().all(|listener| {
+        listener
+            .endpoints
+            .sources()
+            .iter()
+            .all(|source| source.resolved || source.error.is_some())
+            && listener
+                .endpoints
+                .load()
+                .endpoints
+                .iter()
+                .all(|endpoint| endpoint.state.health() != crate::discovery::Health::Unknown)
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // The running process's side
 // ---------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ pub const CANNOT_START: i32 = 127;
 #[derive(Debug)]
 pub enum AppEvent {
     /// legate turned ready and CMD is running.
-    Started { pid: u32 },
+    Started,
     /// CMD could not be started; the message says why.
     CannotStart(String),
     /// CMD exited; the exit code legate should exit with.
@@ -63,11 +63,6 @@ impl App {
             command,
             phase: Phase::WaitingForReady,
         }
-    }
-
-    /// The program's name, for logs.
-    pub fn program(&self) -> &str {
-        self.command.first().map(String::as_str).unwrap_or("")
     }
 
     pub fn is_running(&self) -> bool {
@@ -111,7 +106,7 @@ impl App {
                 let pid = child.id().unwrap_or(0);
                 tracing::info!(command = %self.command.join(" "), pid, "ready: started the supervised command");
                 self.phase = Phase::Running(child);
-                AppEvent::Started { pid }
+                AppEvent::Started
             }
             Err(error) => {
                 self.phase = Phase::Done;

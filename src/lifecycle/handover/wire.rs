@@ -15,7 +15,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -95,13 +95,14 @@ pub fn send(stream: &UnixStream, message: &Message, fds: &[BorrowedFd<'_>]) -> i
 
 /// Receive one message and the descriptors that came with it, within `timeout`.
 pub fn recv(stream: &UnixStream, timeout: Duration) -> Result<(Message, Vec<OwnedFd>), WireError> {
-    stream.set_read_timeout(Some(timeout))?;
+    // One deadline for the whole message: a peer dripping a byte at a time gets no more.
+    let deadline = Instant::now() + timeout;
     let mut fds = Vec::new();
     let mut header = [0u8; HEADER_LEN];
-    read_exact(stream, &mut header, &mut fds, timeout)?;
+    read_exact(stream, &mut header, &mut fds, deadline, timeout)?;
     let len = protocol::decode_header(&header)?;
     let mut payload = vec![0u8; len];
-    read_exact(stream, &mut payload, &mut fds, timeout)?;
+    read_exact(stream, &mut payload, &mut fds, deadline, timeout)?;
     let message = protocol::decode_payload(&payload)?;
     if fds.len() > MAX_SOCKETS {
         return Err(ProtocolError::TooManySockets(fds.len()).into());
@@ -113,10 +114,16 @@ fn read_exact(
     stream: &UnixStream,
     mut buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
+    deadline: Instant,
     timeout: Duration,
 ) -> Result<(), WireError> {
     let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_SOCKETS))];
     while !buf.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(WireError::TimedOut(timeout));
+        }
+        stream.set_read_timeout(Some(left))?;
         let mut control = RecvAncillaryBuffer::new(&mut space);
         let received = rustix::net::recvmsg(
             stream,

@@ -37,7 +37,7 @@ impl Listeners {
         );
         let forced = tokio::select! {
             _ = tokio::time::sleep(delay) => None,
-            signal = signals.stop_requested() => Some(signal),
+            signal = stop_requested(signals, announce) => Some(signal),
         };
         self.accepting.cancel();
         for running in std::mem::take(&mut self.running) {
@@ -63,7 +63,7 @@ impl Listeners {
                 tokio::select! {
                     _ = self.tracker.wait() => None,
                     _ = tokio::time::sleep(drain_timeout) => Some("drain_timeout"),
-                    signal = signals.stop_requested() => Some(signal),
+                    signal = stop_requested(signals, announce) => Some(signal),
                 }
             }
         };
@@ -76,4 +76,20 @@ impl Listeners {
             }
         }
     }
+}
+
+/// The signal that ends a drain early. In a shutdown that is the second SIGTERM or
+/// SIGINT (the first started it). After a handover, the drain started without one, so
+/// only the second from now ends it: the first is what an orchestrator sends the old
+/// container once the new one is ready (a SidecarSet hot upgrade swaps it for the empty
+/// image), and it must not cut the connections still draining.
+async fn stop_requested(signals: &mut Signals, announced: bool) -> &'static str {
+    if !announced {
+        let signal = signals.stop_requested().await;
+        tracing::info!(
+            signal,
+            "still draining after a handover; a second signal ends the drain"
+        );
+    }
+    signals.stop_requested().await
 }

@@ -1,5 +1,7 @@
-//! Fault suite, client-side faults (FAULTS.md rows 11–16): one black-box test per row against
-//! the real binary, each ending with the shared checker (`common::fault::Probe::finish`).
+//! Fault suite, client-side faults (client half-close, client RST mid-stream, slow
+//! readers, silent clients, many idle connections, churn and port exhaustion; README.md's
+//! "Fault coverage" table lists them): black-box tests against the real binary, each ending
+//! with the shared checker (`common::fault::Probe::finish`).
 
 mod common;
 
@@ -27,10 +29,10 @@ fn svc_without_health(upstream: SocketAddr) -> Legate {
     legate
 }
 
-/// Row 11: the client sends `PING`, half-closes and reads: the FIN reaches the backend as a
+/// The client sends `PING`, half-closes and reads: the FIN reaches the backend as a
 /// half-close, and its answer, sent 2 s later, still reaches the client.
 #[test]
-fn row11_client_half_close_gets_a_delayed_answer() {
+fn client_half_close_gets_a_delayed_answer() {
     let received = Received::default();
     let backend = {
         let received = received.clone();
@@ -61,11 +63,11 @@ fn row11_client_half_close_gets_a_delayed_answer() {
     );
 }
 
-/// Row 12: the backend streams without end; the client resets after 10 MB. The upstream is
+/// The backend streams without end; the client resets after 10 MB. The upstream is
 /// closed (the backend's writes fail) promptly, and buffers, pipes and descriptors are
 /// released.
 #[test]
-fn row12_client_reset_mid_stream_releases_everything() {
+fn client_reset_mid_stream_releases_everything() {
     let upstream_failed = Arc::new(Mutex::new(None::<Instant>));
     let backend = {
         let upstream_failed = upstream_failed.clone();
@@ -115,12 +117,12 @@ fn row12_client_reset_mid_stream_releases_everything() {
     );
 }
 
-/// Row 13: a slow reader while the backend pushes as fast as it can (64 MiB by default,
+/// A slow reader while the backend pushes as fast as it can (64 MiB by default,
 /// 500 MB with LEGATE_FAULTS_FULL): legate's RSS stays within baseline + one connection's
 /// buffers, because it stops reading upstream while the client does not drain; then the
 /// reader speeds up and every byte arrives, in order.
 #[test]
-fn row13_slow_reader_backpressure_bounds_memory() {
+fn slow_reader_backpressure_bounds_memory() {
     let size = scale(64usize << 20, 500 << 20);
     let body = Arc::new(payload(size, 13));
     let backend = {
@@ -171,12 +173,12 @@ fn row13_slow_reader_backpressure_bounds_memory() {
     );
 }
 
-/// Row 14: silent clients on the plaintext port (200 by default, 10 000 with
+/// Silent clients on the plaintext port (200 by default, 10 000 with
 /// LEGATE_FAULTS_FULL) against `max_connections = 50`: the excess is reset at once and
 /// counted, the admin port (outside the data-plane limit) keeps answering, the idle timeout
 /// reaps the silent ones, and a real client gets through afterwards.
 #[test]
-fn row14_silent_clients_hit_the_cap_and_admin_stays_reachable() {
+fn silent_clients_hit_the_cap_and_admin_stays_reachable() {
     let backend = TcpBackend::echo();
     let mut legate = Legate::builder()
         .listener(
@@ -249,12 +251,12 @@ fn eventually_value(legate: &Legate, at_least: f64) -> f64 {
     last
 }
 
-/// Row 15: idle connections through legate to a real Redis (1 000 held 5 s by default;
+/// Idle connections through legate to a real Redis (1 000 held 5 s by default;
 /// LEGATE_FAULTS_FULL: 9 900 held 10 minutes): idle memory per connection within budget
 /// (no per-connection buffers or pipes while idle), almost no CPU while idle, and a
 /// `/metrics` scrape stays fast.
 #[test]
-fn row15_many_idle_connections_cost_little() {
+fn many_idle_connections_cost_little() {
     let redis = RedisServer::start();
     let mut legate = Legate::builder()
         .nofile(65_536)
@@ -318,10 +320,10 @@ fn row15_many_idle_connections_cost_little() {
     );
 }
 
-/// Row 16, churn: 6 threads × 100 short connections (LEGATE_FAULTS_FULL: 6 × 8 400, about
+/// Churn: 6 threads × 100 short connections (LEGATE_FAULTS_FULL: 6 × 8 400, about
 /// 50k): every round trip exact, fds, threads and RSS back to the baseline.
 #[test]
-fn row16_connection_churn_returns_to_baseline() {
+fn connection_churn_returns_to_baseline() {
     let backend = TcpBackend::echo();
     let mut legate = svc_without_health(backend.addr());
     let addr = legate.addr("svc");
@@ -355,12 +357,12 @@ fn row16_connection_churn_returns_to_baseline() {
     );
 }
 
-/// Row 16, port exhaustion: in a network namespace whose ephemeral port range is narrowed to
+/// Port exhaustion: in a network namespace whose ephemeral port range is narrowed to
 /// 16 ports, the test holds every port toward the backend; legate's dial then fails with
 /// EADDRNOTAVAIL, counted as `reason="addr_not_available"` (not refused), without spinning;
 /// once the ports are released (reset, so no TIME_WAIT), dials work again.
 #[test]
-fn row16_port_exhaustion_has_its_own_reason_and_clears() {
+fn port_exhaustion_has_its_own_reason_and_clears() {
     in_new_netns(|| {
         let backend = TcpBackend::echo();
         let mut legate = Legate::builder()

@@ -1,7 +1,10 @@
-//! Fault suite, discovery and configuration (FAULTS.md rows 25 and 27; row 26 is
-//! tests/file_discovery.rs `a_malformed_file_keeps_the_old_set_and_counts_an_error`,
+//! Fault suite, discovery and configuration: a thousand ConfigMap `..data` swaps under
+//! load, an endpoint file deleted, unreadable or its directory replaced, and a name that
+//! turns NXDOMAIN or REFUSED. A truncated or malformed endpoint file is covered by
+//! tests/file_discovery.rs (`a_malformed_file_keeps_the_old_set_and_counts_an_error`,
 //! `a_zero_byte_file_is_ignored`, `a_comment_only_file_empties_the_set_on_purpose`,
-//! `crlf_lines_work`; rows 28–30 are tests/dns.rs). Each test ends with the shared checker.
+//! `crlf_lines_work`), DNS at start and a dead or stopped DNS server by tests/dns.rs.
+//! README.md's "Fault coverage" table lists them all. Each test ends with the shared checker.
 
 mod common;
 
@@ -64,12 +67,12 @@ impl ConfigMapVolume {
     }
 }
 
-/// Row 25: 1 000 ConfigMap `..data` swaps, 0–5 ms apart, under load. Endpoint `a` is in
+/// 1 000 ConfigMap `..data` swaps, 0–5 ms apart, under load. Endpoint `a` is in
 /// every set and `b`/`c` come and go: no client of `a` fails, the final set is exactly the
 /// last write (no missed final update), bursts coalesce (far fewer reloads than swaps), and
 /// no inotify watch or descriptor leaks.
 #[test]
-fn row25_a_thousand_configmap_swaps_under_load() {
+fn a_thousand_configmap_swaps_under_load() {
     let a = TcpBackend::hello("a");
     let b = TcpBackend::hello("b");
     let c = TcpBackend::hello("c");
@@ -177,11 +180,11 @@ fn fastrand_ish(i: usize) -> u64 {
     x
 }
 
-/// Row 27: the endpoint file deleted, made unreadable, and its directory replaced
+/// The endpoint file deleted, made unreadable, and its directory replaced
 /// (`mv dir dir.old && mkdir dir`): the last good set stays each time, and the file is
 /// picked up again when it reappears — in the new directory too.
 #[test]
-fn row27_file_deleted_unreadable_and_directory_replaced() {
+fn file_deleted_unreadable_and_directory_replaced() {
     let a = TcpBackend::hello("a");
     let b = TcpBackend::hello("b");
     let c = TcpBackend::hello("c");
@@ -252,13 +255,12 @@ fn row27_file_deleted_unreadable_and_directory_replaced() {
     );
 }
 
-/// Rows 28 and 29: a name that resolved turns NXDOMAIN (row 28), another turns REFUSED
-/// (row 29, a transient server failure): the last good answer stays — traffic keeps flowing
-/// to it, `/ready` stays 200 — and every failed lookup counts
-/// `legate_reloads_total{source="dns",result="error"}`. When the name comes back, the new
-/// answer applies.
+/// A name that resolved turns NXDOMAIN, another turns REFUSED (a transient server
+/// failure): the last good answer stays — traffic keeps flowing to it, `/ready` stays 200 —
+/// and every failed lookup counts `legate_reloads_total{source="dns",result="error"}`. When
+/// the name comes back, the new answer applies.
 #[test]
-fn row28_29_nxdomain_and_refused_keep_the_last_good_answer() {
+fn nxdomain_and_refused_keep_the_last_good_answer() {
     let port = backend_port();
     let _a = TcpBackend::hello_on(&format!("{BACKEND_A}:{port}"), "a");
     let _b = TcpBackend::hello_on(&format!("{BACKEND_B}:{port}"), "b");

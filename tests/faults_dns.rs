@@ -1,5 +1,6 @@
-//! Fault suite, DNS answer churn and oversized answers (FAULTS.md row 31; rows 28–30 are
-//! tests/faults_discovery.rs and tests/dns.rs). Ends with the shared checker.
+//! Fault suite, DNS answer churn and oversized answers (NXDOMAIN, REFUSED and timeouts are
+//! tests/faults_discovery.rs and tests/dns.rs; README.md's "Fault coverage" table lists
+//! them all). Ends with the shared checker.
 //!
 //! dnsmasq answers `churn.test.local` from a hosts file with TTL 0 (`--local-ttl=0`) and logs
 //! every query, so the test counts how often legate asks. A TXT record for the name makes
@@ -134,7 +135,7 @@ fn echo_on(stream: &mut TcpStream, line: &str) -> String {
     read_line(stream).unwrap()
 }
 
-/// Row 31: for 4 s the name's answer flips between 0, 1 and 500 A records with a SIGHUP to
+/// For 4 s the name's answer flips between 0, 1 and 500 A records with a SIGHUP to
 /// dnsmasq every 100 ms, then turns to 1 100 records, then back to one.
 /// - lookups have a floor: dnsmasq sees at most one per 250 ms (+ slack);
 /// - the empty answer keeps the last set (`/endpoints` never shows 0 endpoints after the
@@ -147,7 +148,7 @@ fn echo_on(stream: &mut TcpStream, line: &str) -> String {
 ///   every answer, so it never leaves the set and keeps its state (its open-connection count);
 /// - the shared checker: alive, `/ready` 200, fds/RSS/threads back near the baseline.
 #[test]
-fn row31_dns_answer_churn_and_oversized_answers() {
+fn dns_answer_churn_and_oversized_answers() {
     const HELD: usize = 8;
     let backend = TcpBackend::start_on(&format!("{BACKEND_IP}:0"), |mut stream| {
         let mut buf = [0u8; 4096];

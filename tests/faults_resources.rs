@@ -1,8 +1,10 @@
-//! Fault suite, resource exhaustion, admin abuse and lifecycle (FAULTS.md rows 32, 33, 36,
-//! 37; row 34 is tests/metrics.rs `max_connections_rejects_the_excess_at_once` and
-//! tests/faults_client.rs row 14; row 38's port conflict is tests/cli.rs). Each test ends
-//! with the shared checker, or — for the rows where legate exits — with its exit status and
-//! a log without panics.
+//! Fault suite, resource exhaustion, admin abuse and lifecycle: descriptor exhaustion,
+//! memory pressure, admin port abuse, a SIGHUP storm during a drain, SIGTERM with many
+//! active connections. The connection cap is also tests/metrics.rs
+//! `max_connections_rejects_the_excess_at_once` and tests/faults_client.rs
+//! `silent_clients_hit_the_cap_and_admin_stays_reachable`; port conflicts at start are
+//! tests/cli.rs (README.md's "Fault coverage" table lists them all). Each test ends with the
+//! shared checker, or — where legate exits — with its exit status and a log without panics.
 
 mod common;
 
@@ -15,12 +17,12 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// Row 33: legate under `RLIMIT_NOFILE` 64 with 100 held connections: accept(2) fails with
+/// Legate under `RLIMIT_NOFILE` 64 with 100 held connections: accept(2) fails with
 /// EMFILE and the loop backs off (counted in `legate_accept_errors_total{errno="EMFILE"}`,
 /// no CPU spin), the admin port answers from its reserve, and everything recovers once the
 /// held connections close — the clients left in the backlog are then served.
 #[test]
-fn row33_fd_exhaustion_backs_off_and_recovers() {
+fn fd_exhaustion_backs_off_and_recovers() {
     let backend = TcpBackend::echo();
     let mut legate = Legate::builder()
         .nofile(64)
@@ -99,13 +101,13 @@ fn admin_raw(admin: SocketAddr, bytes: &[u8]) -> Option<u16> {
         })
 }
 
-/// Row 36: admin port abuse — 64 KiB of headers (431), path traversal (404), GET on a
+/// Admin port abuse — 64 KiB of headers (431), path traversal (404), GET on a
 /// mutating path (405), a slowloris (closed by the header timeout), a burst of concurrent
 /// scrapes (200, or 503 past the concurrency limit, none hanging) — while the data plane
 /// keeps serving and nothing grows. (Random bytes and a 100 KB request line:
 /// tests/admin_abuse.rs.)
 #[test]
-fn row36_admin_port_abuse() {
+fn admin_port_abuse() {
     let backend = TcpBackend::echo();
     let mut legate = Legate::builder()
         .listener(Listener::new("svc").upstream(backend.addr()))
@@ -205,10 +207,10 @@ fn row36_admin_port_abuse() {
     );
 }
 
-/// Row 32: a SIGHUP storm during a drain is ignored: no reload, no thread growth, the held
+/// A SIGHUP storm during a drain is ignored: no reload, no thread growth, the held
 /// connection keeps working, and the process still exits 0 once it closes.
 #[test]
-fn row32_sighup_storm_during_the_drain_is_ignored() {
+fn sighup_storm_during_the_drain_is_ignored() {
     let backend = TcpBackend::echo();
     let mut legate = Legate::builder()
         .runtime("drain_timeout", "\"20s\"")
@@ -255,13 +257,13 @@ fn row32_sighup_storm_during_the_drain_is_ignored() {
     assert!(!log.contains("panicked"), "{log}");
 }
 
-/// Row 37: SIGTERM with many active connections: `pumps` echo loops (100 by default, 1 000
+/// SIGTERM with many active connections: `pumps` echo loops (100 by default, 1 000
 /// with LEGATE_FAULTS_FULL) and 5 bulk flows of 8 MiB, SIGTERM once 1 MiB of the bulk went
 /// through. `/ready` is 503 at once, the listener keeps accepting for `shutdown_delay`
 /// (1 s) then refuses, every in-flight transfer completes with matching hashes, exit 0.
 /// (A second signal ending the drain: tests/drain.rs; the drain deadline: same file.)
 #[test]
-fn row37_sigterm_with_many_active_connections_completes_them() {
+fn sigterm_with_many_active_connections_completes_them() {
     let backend = TcpBackend::echo();
     let pumps = scale(100, 1_000);
     let mut legate = Legate::builder()
@@ -414,7 +416,7 @@ impl MemoryCgroup {
         let _ = std::fs::remove_dir(&dir);
         std::fs::create_dir(&dir).unwrap_or_else(|e| {
             panic!(
-                "cannot create the memory cgroup {} ({e}): this row needs root and a writable \
+                "cannot create the memory cgroup {} ({e}): this test needs root and a writable \
                  memory controller (cgroup v1, or v2 with memory delegated)",
                 dir.display()
             )
@@ -508,7 +510,7 @@ impl Drop for MemoryCgroup {
     }
 }
 
-/// Row 35: legate in a 64 MiB memory cgroup (`MemoryMax=64M`, socket buffers charged as
+/// Legate in a 64 MiB memory cgroup (`MemoryMax=64M`, socket buffers charged as
 /// cgroup v2 charges them), with 500 connections (600 with LEGATE_FAULTS_FULL) whose
 /// clients do not read while the backend pushes 256 KiB into each: no OOM kill; legate's
 /// own memory stays bounded (splice keeps no bytes in user space) and, with
@@ -522,7 +524,7 @@ impl Drop for MemoryCgroup {
 /// exponential back-off (RTOs of 50 s were seen), so streams stall long after the clients
 /// start reading. README: "Memory limits".
 #[test]
-fn row35_memory_pressure_no_oom_and_admission_stops_at_the_cap() {
+fn memory_pressure_no_oom_and_admission_stops_at_the_cap() {
     const LIMIT: u64 = 64 << 20;
     let count = scale(500usize, 600);
     // The budget an operator would do (README, "Memory limits"): a stalled connection's
@@ -546,7 +548,10 @@ fn row35_memory_pressure_no_oom_and_admission_stops_at_the_cap() {
             let _ = s.read(&mut first);
         })
     };
-    let cgroup = MemoryCgroup::create(&format!("legate-row35-{}", std::process::id()), LIMIT);
+    let cgroup = MemoryCgroup::create(
+        &format!("legate-memory-pressure-{}", std::process::id()),
+        LIMIT,
+    );
     let mut legate = Legate::builder()
         .nofile(4 * count as u64 + 256)
         .listener(
@@ -569,7 +574,8 @@ fn row35_memory_pressure_no_oom_and_admission_stops_at_the_cap() {
         s.write_all(b"g").unwrap();
         clients.push(s);
         // In steps the in-test backend's accept backlog (128) can take: an overflow would
-        // time dials out and eject the backend, which is row 3's business, not this one's.
+        // time dials out and eject the backend, which is faults_upstream's
+        // full_accept_queue_hits_the_connect_timeout's business, not this one's.
         if n % 50 == 49 {
             eventually(Duration::from_secs(10), "the backend accepts", || {
                 backend.accepted() > n
@@ -612,7 +618,8 @@ fn row35_memory_pressure_no_oom_and_admission_stops_at_the_cap() {
         cgroup.peak() >> 10,
         LIMIT >> 10
     );
-    // 16 KiB a connection is the idle budget (row 15); a stalled one may also hold a pipe's
+    // 16 KiB a connection is the idle budget
+    // (faults_client::many_idle_connections_cost_little); a stalled one may also hold a pipe's
     // bookkeeping, never the bytes themselves in user space.
     assert!(
         rss <= probe.baseline.rss_kib + 16 * count as u64 + 16 * 1024,

@@ -1,9 +1,10 @@
-//! Fault suite, TLS (FAULTS.md rows 17–24): one black-box test per row against the real
-//! binary, each ending with the shared checker (`common::fault::Probe::finish`). Row 19 (a
-//! wrong CA) is covered by tests/tls.rs
-//! (`bad_upstream_certificates_fail_are_counted_and_nothing_goes_in_plaintext`), which also
-//! covers `expired` and `name_mismatch` of row 20; the test here adds `not_yet_valid` and IP
-//! endpoints.
+//! Fault suite, TLS: garbage on a TLS port, handshake floods, bad and legacy certificates
+//! and versions, truncated streams, certificate rotation (README.md's "Fault coverage" table
+//! lists them): black-box tests against the real binary, each ending with the shared checker
+//! (`common::fault::Probe::finish`). An upstream certificate from the wrong CA, expired or
+//! for the wrong name is covered by tests/tls.rs
+//! (`bad_upstream_certificates_fail_are_counted_and_nothing_goes_in_plaintext`); the test
+//! here adds `not_yet_valid` and IP endpoints.
 
 mod common;
 
@@ -66,10 +67,10 @@ fn terminating(extra: &str) -> Terminating {
     }
 }
 
-/// Row 17: 1 MB of random bytes, and plaintext RESP, on a TLS port: closed at once, counted
+/// 1 MB of random bytes, and plaintext RESP, on a TLS port: closed at once, counted
 /// as `bad_record`, no memory growth by the megabyte (rustls bounds a record), no panic.
 #[test]
-fn row17_garbage_and_plaintext_on_a_tls_port() {
+fn garbage_and_plaintext_on_a_tls_port() {
     let mut t = terminating("");
     let addr = t.legate.addr("tls");
     let probe = Probe::start(&t.legate);
@@ -98,11 +99,11 @@ fn row17_garbage_and_plaintext_on_a_tls_port() {
     );
 }
 
-/// Row 18: a handshake flood — 40 silent sockets, 20 garbage senders, a ClientHello header
+/// A handshake flood — 40 silent sockets, 20 garbage senders, a ClientHello header
 /// dripped a byte a second — is reaped by the 5 s handshake timeout
 /// (`reason="timeout"`), while a real TLS client is served meanwhile.
 #[test]
-fn row18_handshake_flood_is_reaped_by_the_handshake_timeout() {
+fn handshake_flood_is_reaped_by_the_handshake_timeout() {
     let mut t = terminating("");
     let addr = t.legate.addr("tls");
     let probe = Probe::start(&t.legate);
@@ -170,11 +171,11 @@ fn row18_handshake_flood_is_reaped_by_the_handshake_timeout() {
     );
 }
 
-/// Row 20: a not-yet-valid certificate fails with `not_yet_valid`; an IP endpoint whose
+/// A not-yet-valid certificate fails with `not_yet_valid`; an IP endpoint whose
 /// certificate has no IP SAN fails with `name_mismatch`, and the `sni` override makes the
 /// same endpoint work.
 #[test]
-fn row20_not_yet_valid_and_ip_endpoints() {
+fn not_yet_valid_and_ip_endpoints() {
     // srv.pem is valid now (the IP endpoints' server); future.pem only in 30 days.
     let files = ServerFiles::new((-1, 365));
     let ca_path = &files.ca_path;
@@ -300,11 +301,11 @@ impl SServer {
     }
 }
 
-/// Row 21: legacy TLS is refused both ways (rustls has nothing below 1.2): a TLS 1.1
+/// Legacy TLS is refused both ways (rustls has nothing below 1.2): a TLS 1.1
 /// client against our listener, our origination against a TLS 1.1 server; and the
 /// TLS-1.3-only option (`min_version = "1.3"`) refuses a TLS 1.2 client.
 #[test]
-fn row21_legacy_tls_is_refused_both_ways() {
+fn legacy_tls_is_refused_both_ways() {
     let mut t = terminating("");
     let legacy = "-cipher DEFAULT@SECLEVEL=0";
     let (cert, key) = (&t.files.cert_path, &t.files.key_path);
@@ -376,11 +377,11 @@ fn row21_legacy_tls_is_refused_both_ways() {
     );
 }
 
-/// Row 22: the TLS upstream is SIGKILLed mid-response (no close_notify): rustls reports an
+/// The TLS upstream is SIGKILLed mid-response (no close_notify): rustls reports an
 /// unexpected EOF, and legate aborts the client connection (RST, an error on the client,
 /// never a clean EOF), counted as `legate_resets_total{from="upstream"}`.
 #[test]
-fn row22_truncated_tls_stream_is_passed_on_as_a_reset() {
+fn truncated_tls_stream_is_passed_on_as_a_reset() {
     let files = ServerFiles::new((-1, 365));
     let ca_path = &files.ca_path;
     let mut server = SServer::start(&files.cert_path, &files.key_path, "");
@@ -534,10 +535,10 @@ fn tls_reloads(legate: &Legate, result: &str) -> f64 {
     )
 }
 
-/// Row 23: the client certificate rotated five times, 1 s apart, by `..data` swap, under 10
+/// The client certificate rotated five times, 1 s apart, by `..data` swap, under 10
 /// pumps (SET/GET with hashes through mTLS): zero pump errors, five good reloads.
 #[test]
-fn row23_certificate_rotation_under_load() {
+fn certificate_rotation_under_load() {
     let (files, mut volume, _redis, mut legate) = mtls_setup();
     let ca = &files.ca;
     let addr = legate.addr("redis");
@@ -575,12 +576,12 @@ fn row23_certificate_rotation_under_load() {
     );
 }
 
-/// Row 24: broken rotations — an empty key, a key that does not match the certificate, a
+/// Broken rotations — an empty key, a key that does not match the certificate, a
 /// half-written PEM — keep the last good material: each counts
 /// `legate_reloads_total{source="tls",result="error"}`, `/ready` stays 200, old and new
 /// connections work throughout.
 #[test]
-fn row24_broken_rotation_keeps_the_last_good_material() {
+fn broken_rotation_keeps_the_last_good_material() {
     let (files, mut volume, _redis, mut legate) = mtls_setup();
     let ca = &files.ca;
     let addr = legate.addr("redis");

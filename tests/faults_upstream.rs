@@ -1,6 +1,8 @@
-//! Fault suite, upstream faults (FAULTS.md rows 1–10): one black-box test per row against the
-//! real binary, each ending with the shared checker (`common::fault::Probe::finish`).
-//! Rows 6 (upstream half-close) is covered by tests/half_close.rs.
+//! Fault suite, upstream faults (a backend that refuses, freezes, blackholes, resets, speaks
+//! first, flaps, fragments, or is removed with open connections; README.md's "Fault
+//! coverage" table lists them): black-box tests against the real binary, each ending with
+//! the shared checker (`common::fault::Probe::finish`). An upstream half-close is covered by
+//! tests/half_close.rs.
 
 mod common;
 
@@ -25,10 +27,10 @@ fn redis_ping(addr: SocketAddr) -> redis::RedisResult<String> {
     redis::cmd("PING").query(&mut con)
 }
 
-/// Row 1: nothing listening. The client is closed at once, the dial is counted as
+/// Nothing listening. The client is closed at once, the dial is counted as
 /// `reason="refused"`, tries are bounded, the warning is rate-limited.
 #[test]
-fn row01_refused_backend_closes_the_client_at_once() {
+fn refused_backend_closes_the_client_at_once() {
     let live = TcpBackend::echo();
     let dead = local(free_port());
     let mut legate = Legate::builder()
@@ -87,11 +89,11 @@ fn row01_refused_backend_closes_the_client_at_once() {
     );
 }
 
-/// Row 2: a frozen (SIGSTOPped) Redis: connects still succeed, no bytes come back. Other
+/// A frozen (SIGSTOPped) Redis: connects still succeed, no bytes come back. Other
 /// listeners are unaffected, memory stays bounded while the client keeps writing, the idle
 /// timeout closes and counts the stuck connections, and after SIGCONT traffic resumes.
 #[test]
-fn row02_frozen_backend_is_bounded_timed_out_and_recovers() {
+fn frozen_backend_is_bounded_timed_out_and_recovers() {
     let frozen = RedisServer::start();
     let other = RedisServer::start();
     let mut legate = Legate::builder()
@@ -199,10 +201,10 @@ impl NeverAccepts {
     }
 }
 
-/// Row 3: the upstream's accept queue is full, so dials hang in SYN_SENT: connect_timeout
+/// The upstream's accept queue is full, so dials hang in SYN_SENT: connect_timeout
 /// fires (`reason="timeout"`), the client is closed; 200 clients leave no pending tasks.
 #[test]
-fn row03_full_accept_queue_hits_the_connect_timeout() {
+fn full_accept_queue_hits_the_connect_timeout() {
     let full = NeverAccepts::start();
     // Fill its queue from here (the ones that do not fit just time out).
     let fillers: Vec<TcpStream> = (0..4)
@@ -267,12 +269,12 @@ fn row03_full_accept_queue_hits_the_connect_timeout() {
     );
 }
 
-/// Row 4: a blackholed endpoint, in a network namespace of its own where every packet from
+/// A blackholed endpoint, in a network namespace of its own where every packet from
 /// the backend's address 127.0.0.2 is dropped by a routing rule (`blackhole`): new dials
 /// hang in SYN_SENT (connect timeout, counted as `timeout`, not `refused`) and established
 /// connections go silent (closed by `idle_timeout`, never hung forever).
 #[test]
-fn row04_blackholed_endpoint_new_dials_and_mid_stream() {
+fn blackholed_endpoint_new_dials_and_mid_stream() {
     in_new_netns(|| {
         // The local table is consulted after our rule, so the rule can drop loopback packets.
         sh("ip addr add 127.0.0.2/8 dev lo 2>/dev/null; ip rule add pref 100 lookup local && ip rule del pref 0");
@@ -375,11 +377,11 @@ fn row04_blackholed_endpoint_new_dials_and_mid_stream() {
     });
 }
 
-/// Row 5: upstream RSTs, at accept and after 10 MB: the client is reset too (an error, never
+/// Upstream RSTs, at accept and after 10 MB: the client is reset too (an error, never
 /// a clean EOF), what arrived is an exact prefix, `legate_resets_total{from="upstream"}`
 /// moves, no connection or descriptor is left.
 #[test]
-fn row05_upstream_reset_at_accept_and_mid_stream_reaches_the_client_as_a_reset() {
+fn upstream_reset_at_accept_and_mid_stream_reaches_the_client_as_a_reset() {
     let body = Arc::new(payload(10 << 20, 5));
     let at_accept = TcpBackend::start(reset);
     let mid_stream = {
@@ -463,10 +465,10 @@ fn row05_upstream_reset_at_accept_and_mid_stream_reaches_the_client_as_a_reset()
     }
 }
 
-/// Row 7: the server speaks first (a 78-byte MySQL-like greeting on accept): it reaches a
+/// The server speaks first (a 78-byte MySQL-like greeting on accept): it reaches a
 /// client that sends nothing, at once — legate dials on accept.
 #[test]
-fn row07_server_speaks_first_greeting_arrives_without_client_bytes() {
+fn server_speaks_first_greeting_arrives_without_client_bytes() {
     let greeting: Vec<u8> = payload(78, 7);
     let backend = {
         let greeting = greeting.clone();
@@ -503,11 +505,11 @@ fn row07_server_speaks_first_greeting_arrives_without_client_bytes() {
     );
 }
 
-/// Row 8: a flapping Redis (killed and restarted every ~200 ms) under load: no crash, errors
+/// A flapping Redis (killed and restarted every ~200 ms) under load: no crash, errors
 /// only on connections that hit a down window, ten consecutive successes once it is stable,
 /// resources back to the baseline. 6 s of flapping by default, 60 s with LEGATE_FAULTS_FULL.
 #[test]
-fn row08_flapping_backend_under_load() {
+fn flapping_backend_under_load() {
     let mut redis = RedisServer::start();
     let mut legate = Legate::builder()
         .listener(
@@ -574,11 +576,11 @@ fn row08_flapping_backend_under_load() {
     );
 }
 
-/// Row 9: a fragmenting upstream (1-byte writes, TCP_NODELAY, a pause every few bytes) and a
+/// A fragmenting upstream (1-byte writes, TCP_NODELAY, a pause every few bytes) and a
 /// slow one: byte-exact whatever the segmentation, and no CPU spin (legate's CPU time stays a
 /// fraction of the wall time).
 #[test]
-fn row09_fragmenting_and_slow_upstream_is_byte_exact_without_spinning() {
+fn fragmenting_and_slow_upstream_is_byte_exact_without_spinning() {
     let body = Arc::new(payload(scale(8 * 1024, 64 * 1024), 9));
     let fragmenting = {
         let body = body.clone();
@@ -653,11 +655,11 @@ fn row09_fragmenting_and_slow_upstream_is_byte_exact_without_spinning() {
     );
 }
 
-/// Row 10: an endpoint removed from the endpoint file while it has open connections: new
+/// An endpoint removed from the endpoint file while it has open connections: new
 /// connections go only to the remaining one within a reload, the `legate_endpoints` gauge
 /// follows, and the open connections are kept (the default).
 #[test]
-fn row10_endpoint_removed_with_active_connections() {
+fn endpoint_removed_with_active_connections() {
     let a = TcpBackend::hello("a");
     let b = TcpBackend::hello("b");
     let dir = tempfile::tempdir().unwrap();

@@ -1,4 +1,5 @@
-//! The fault suite's shared checker (tests/faults_*.rs, one test per row of FAULTS.md).
+//! The fault suite's shared checker (tests/faults_*.rs; README.md's "Fault coverage" table
+//! lists the faults and their tests).
 //!
 //! Every scenario ends the same way ([`Probe::finish`]): legate is alive, `/ready` answers
 //! what the contract says, its descriptors, RSS and threads are back near the baseline taken
@@ -8,7 +9,7 @@
 
 use super::*;
 
-/// Whether the long forms of the slow rows run (`LEGATE_FAULTS_FULL=1`).
+/// Whether the long forms of the slow fault tests run (`LEGATE_FAULTS_FULL=1`).
 pub fn full() -> bool {
     std::env::var("LEGATE_FAULTS_FULL").is_ok_and(|v| !v.is_empty() && v != "0")
 }

@@ -2,8 +2,16 @@
 //! tests/faults_discovery.rs): it answers from a hosts file only (no upstream servers), on a
 //! free 127.0.0.1 port (UDP and TCP), logs to a file, and rereads the file on SIGHUP.
 
+use std::fs::File;
+use std::net::{Ipv4Addr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
 use super::*;
-use std::net::{Ipv4Addr, UdpSocket};
 
 /// Two loopback addresses for backends that one DNS name can move between.
 pub const BACKEND_A: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);

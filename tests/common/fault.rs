@@ -7,6 +7,12 @@
 //! moved, nothing panicked (`legate_panics_total` is 0 and no "panicked" in the log).
 //! Completed transfers are compared by hash with [`assert_same`].
 
+use std::io::{self, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
 use super::*;
 
 /// Whether the long forms of the slow fault tests run (`LEGATE_FAULTS_FULL=1`).

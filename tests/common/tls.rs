@@ -6,6 +6,13 @@
 //! - [`SecretVolume`]: a Kubernetes secret volume whose `..data` is swapped as the kubelet does;
 //! - [`origination`] / [`termination`]: the `tls` / `tls_server` tables of a listener.
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tempfile::TempDir;
+
 use super::*;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,

@@ -56,7 +56,7 @@ pub struct RunArgs {
         value_name = "ADDR",
         value_delimiter = ','
     )]
-    pub listen: Vec<SocketAddr>,
+    pub(crate) listen: Vec<SocketAddr>,
     /// Upstream target: IP:PORT, HOST:PORT, dns:HOST:PORT, srv:NAME or file:PATH.
     #[arg(
         long,
@@ -64,7 +64,7 @@ pub struct RunArgs {
         value_name = "TARGET",
         value_delimiter = ','
     )]
-    pub upstream: Vec<Target>,
+    pub(crate) upstream: Vec<Target>,
     /// Admin address (readiness, metrics); overrides [admin] listen. Default 127.0.0.1:9901.
     #[arg(long, env = "LEGATE_ADMIN", value_name = "ADDR")]
     pub admin: Option<SocketAddr>,
@@ -129,7 +129,7 @@ pub fn parse() -> Result<(Cli, Vec<ListenerConfig>), clap::Error> {
     parse_from(std::env::args_os())
 }
 
-pub fn parse_from<I, T>(args: I) -> Result<(Cli, Vec<ListenerConfig>), clap::Error>
+fn parse_from<I, T>(args: I) -> Result<(Cli, Vec<ListenerConfig>), clap::Error>
 where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,

@@ -68,7 +68,7 @@ pub fn endpoint_file(data: &[u8]) -> Result<(), String> {
 
 /// A DNS response as a server sent it: decoded by hickory, then turned into endpoints by
 /// the same functions a live A/AAAA or SRV lookup uses. Accepted when it gives endpoints.
-pub fn dns_answer(data: &[u8]) -> Result<Vec<EndpointSpec>, String> {
+pub fn dns_answer(data: &[u8]) -> Result<(), String> {
     let message =
         hickory_resolver::proto::op::Message::from_vec(data).map_err(|error| error.to_string())?;
     let endpoints = crate::discovery::dns::endpoints_from_response(
@@ -79,7 +79,7 @@ pub fn dns_answer(data: &[u8]) -> Result<Vec<EndpointSpec>, String> {
     if endpoints.is_empty() {
         return Err("no endpoints in the response".into());
     }
-    Ok(endpoints)
+    Ok(())
 }
 
 /// What a Redis server sent to a health check: every reply in the bytes (pipelined after

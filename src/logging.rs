@@ -39,14 +39,14 @@ pub fn init(format: LogFormat, level: &str) -> Result<(), String> {
 
 /// At most one event per `period_ms`; counts what it held back.
 #[derive(Debug, Default)]
-pub struct RateLimit {
+pub(crate) struct RateLimit {
     last_ms: AtomicU64,
     suppressed: AtomicU64,
 }
 
 impl RateLimit {
     /// `Some(held_back_since_last)` when this event may be logged.
-    pub fn allow(&self, now_ms: u64, period_ms: u64) -> Option<u64> {
+    pub(crate) fn allow(&self, now_ms: u64, period_ms: u64) -> Option<u64> {
         let last = self.last_ms.load(Relaxed);
         if last != 0 && now_ms < last + period_ms {
             self.suppressed.fetch_add(1, Relaxed);

@@ -9,28 +9,28 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-pub const CONNECTIONS_TOTAL: &str = "legate_connections_total";
-pub const CONNECTIONS_ACTIVE: &str = "legate_connections_active";
-pub const CONNECTIONS_REJECTED_TOTAL: &str = "legate_connections_rejected_total";
-pub const LAST_RESORT_CONNECTIONS_TOTAL: &str = "legate_last_resort_connections_total";
-pub const BYTES_TOTAL: &str = "legate_bytes_total";
-pub const SPLICE_BYTES_TOTAL: &str = "legate_splice_bytes_total";
-pub const UPSTREAM_CONNECT_SECONDS: &str = "legate_upstream_connect_seconds";
-pub const UPSTREAM_CONNECT_FAILURES_TOTAL: &str = "legate_upstream_connect_failures_total";
-pub const UPSTREAM_CONNECT_ERRORS_TOTAL: &str = "legate_upstream_connect_errors_total";
-pub const RESETS_TOTAL: &str = "legate_resets_total";
-pub const IDLE_TIMEOUTS_TOTAL: &str = "legate_idle_timeouts_total";
-pub const ACCEPT_ERRORS_TOTAL: &str = "legate_accept_errors_total";
-pub const ENDPOINTS: &str = "legate_endpoints";
-pub const RELOADS_TOTAL: &str = "legate_reloads_total";
-pub const READY: &str = "legate_ready";
-pub const TLS_CERT_EXPIRY: &str = "legate_tls_cert_expiry_timestamp_seconds";
-pub const HEALTH_CHECKS_TOTAL: &str = "legate_health_checks_total";
-pub const PANICS_TOTAL: &str = "legate_panics_total";
-pub const TLS_HANDSHAKE_ERRORS_TOTAL: &str = "legate_tls_handshake_errors_total";
-pub const TLS_HANDSHAKE_SECONDS: &str = "legate_tls_handshake_seconds";
-pub const DNS_TRUNCATED_TOTAL: &str = "legate_dns_truncated_total";
-pub const HANDOFFS_TOTAL: &str = "legate_handoffs_total";
+const CONNECTIONS_TOTAL: &str = "legate_connections_total";
+const CONNECTIONS_ACTIVE: &str = "legate_connections_active";
+const CONNECTIONS_REJECTED_TOTAL: &str = "legate_connections_rejected_total";
+const LAST_RESORT_CONNECTIONS_TOTAL: &str = "legate_last_resort_connections_total";
+const BYTES_TOTAL: &str = "legate_bytes_total";
+const SPLICE_BYTES_TOTAL: &str = "legate_splice_bytes_total";
+const UPSTREAM_CONNECT_SECONDS: &str = "legate_upstream_connect_seconds";
+const UPSTREAM_CONNECT_FAILURES_TOTAL: &str = "legate_upstream_connect_failures_total";
+const UPSTREAM_CONNECT_ERRORS_TOTAL: &str = "legate_upstream_connect_errors_total";
+const RESETS_TOTAL: &str = "legate_resets_total";
+const IDLE_TIMEOUTS_TOTAL: &str = "legate_idle_timeouts_total";
+const ACCEPT_ERRORS_TOTAL: &str = "legate_accept_errors_total";
+const ENDPOINTS: &str = "legate_endpoints";
+const RELOADS_TOTAL: &str = "legate_reloads_total";
+const READY: &str = "legate_ready";
+const TLS_CERT_EXPIRY: &str = "legate_tls_cert_expiry_timestamp_seconds";
+const HEALTH_CHECKS_TOTAL: &str = "legate_health_checks_total";
+const PANICS_TOTAL: &str = "legate_panics_total";
+const TLS_HANDSHAKE_ERRORS_TOTAL: &str = "legate_tls_handshake_errors_total";
+const TLS_HANDSHAKE_SECONDS: &str = "legate_tls_handshake_seconds";
+const DNS_TRUNCATED_TOTAL: &str = "legate_dns_truncated_total";
+const HANDOFFS_TOTAL: &str = "legate_handoffs_total";
 
 /// Panics anywhere in the process. A panic hook has no way to reach a `Metrics`
 /// instance, and a panic is a process-wide event anyway, so this one count is global;
@@ -51,14 +51,14 @@ pub fn install_panic_hook() {
 
 /// Why a client connection was closed without being forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RejectReason {
+pub(crate) enum RejectReason {
     NoEndpoint,
     MaxConnections,
     ConnectFailed,
 }
 
 impl RejectReason {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             RejectReason::NoEndpoint => "no_endpoint",
             RejectReason::MaxConnections => "max_connections",
@@ -67,7 +67,7 @@ impl RejectReason {
     }
 }
 
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     connections_total: IntCounterVec,
     connections_active: IntGaugeVec,
@@ -85,40 +85,40 @@ pub struct Metrics {
     tls_handshake_errors: IntCounterVec,
     tls_handshake_seconds: HistogramVec,
     dns_truncated: IntCounterVec,
-    pub endpoints: IntGaugeVec,
-    pub reloads: IntCounterVec,
-    pub ready: IntGauge,
-    pub tls_cert_expiry: prometheus::GaugeVec,
-    pub panics: IntCounter,
+    pub(crate) endpoints: IntGaugeVec,
+    pub(crate) reloads: IntCounterVec,
+    pub(crate) ready: IntGauge,
+    pub(crate) tls_cert_expiry: prometheus::GaugeVec,
+    pub(crate) panics: IntCounter,
     /// Socket handovers by result: `committed` (handed over), `taken` (took over),
     /// `aborted` (the newcomer went away before committing), `error`, `busy`.
-    pub handoffs: IntCounterVec,
+    pub(crate) handoffs: IntCounterVec,
 }
 
 /// Label handles for one listener, resolved once.
 #[derive(Clone)]
-pub struct ListenerMetrics {
-    pub connections_total: IntCounter,
-    pub connections_active: IntGauge,
-    pub rejected_no_endpoint: IntCounter,
-    pub rejected_max_connections: IntCounter,
-    pub rejected_connect_failed: IntCounter,
+pub(crate) struct ListenerMetrics {
+    pub(crate) connections_total: IntCounter,
+    pub(crate) connections_active: IntGauge,
+    rejected_no_endpoint: IntCounter,
+    rejected_max_connections: IntCounter,
+    rejected_connect_failed: IntCounter,
     /// Connections that dialled endpoints which were not eligible, since none was
     /// (the "last resort" rule in `proxy::connect`).
-    pub last_resort: IntCounter,
-    pub bytes_upstream: IntCounter,
-    pub bytes_downstream: IntCounter,
-    pub splice_bytes: IntCounter,
-    pub connect_seconds: prometheus::Histogram,
-    pub resets_from_client: IntCounter,
-    pub resets_from_upstream: IntCounter,
-    pub idle_timeouts: IntCounter,
-    pub endpoints_healthy: IntGauge,
-    pub endpoints_unhealthy: IntGauge,
-    pub tls_handshake_client: prometheus::Histogram,
-    pub tls_handshake_upstream: prometheus::Histogram,
+    pub(crate) last_resort: IntCounter,
+    pub(crate) bytes_upstream: IntCounter,
+    pub(crate) bytes_downstream: IntCounter,
+    pub(crate) splice_bytes: IntCounter,
+    pub(crate) connect_seconds: prometheus::Histogram,
+    pub(crate) resets_from_client: IntCounter,
+    pub(crate) resets_from_upstream: IntCounter,
+    pub(crate) idle_timeouts: IntCounter,
+    pub(crate) endpoints_healthy: IntGauge,
+    pub(crate) endpoints_unhealthy: IntGauge,
+    pub(crate) tls_handshake_client: prometheus::Histogram,
+    pub(crate) tls_handshake_upstream: prometheus::Histogram,
     /// DNS answers (A/AAAA or SRV) cut to `discovery::dns::MAX_ENDPOINTS` addresses.
-    pub dns_truncated: IntCounter,
+    pub(crate) dns_truncated: IntCounter,
     connect_failures: IntCounterVec,
     connect_errors: IntCounterVec,
     health_checks: IntCounterVec,
@@ -128,7 +128,7 @@ pub struct ListenerMetrics {
 }
 
 impl ListenerMetrics {
-    pub fn rejected(&self, reason: RejectReason) -> &IntCounter {
+    pub(crate) fn rejected(&self, reason: RejectReason) -> &IntCounter {
         match reason {
             RejectReason::NoEndpoint => &self.rejected_no_endpoint,
             RejectReason::MaxConnections => &self.rejected_max_connections,
@@ -137,7 +137,7 @@ impl ListenerMetrics {
     }
 
     /// Rare (a failed dial), so the label lookup is fine here.
-    pub fn connect_failure(&self, endpoint: &str) {
+    pub(crate) fn connect_failure(&self, endpoint: &str) {
         self.connect_failures
             .with_label_values(&[self.name.as_str(), endpoint])
             .inc();
@@ -146,26 +146,26 @@ impl ListenerMetrics {
     /// A failed dial by why it failed (`refused`, `timeout`, `unreachable`,
     /// `addr_not_available`, `fd_exhausted`, `reset`, `tls`, `other`); rare, so the label
     /// lookup is fine here.
-    pub fn connect_error(&self, reason: &str) {
+    pub(crate) fn connect_error(&self, reason: &str) {
         self.connect_errors
             .with_label_values(&[self.name.as_str(), reason])
             .inc();
     }
 
-    pub fn health_check(&self, result: &str) {
+    pub(crate) fn health_check(&self, result: &str) {
         self.health_checks
             .with_label_values(&[self.name.as_str(), result])
             .inc();
     }
 
     /// `side`: `client` (termination) or `upstream` (origination).
-    pub fn tls_handshake_failed(&self, side: &str, reason: &str) {
+    pub(crate) fn tls_handshake_failed(&self, side: &str, reason: &str) {
         self.tls_handshake_errors
             .with_label_values(&[self.name.as_str(), side, reason])
             .inc();
     }
 
-    pub fn accept_error(&self, errno: &str) {
+    pub(crate) fn accept_error(&self, errno: &str) {
         self.accept_errors
             .with_label_values(&[self.name.as_str(), errno])
             .inc();
@@ -204,7 +204,7 @@ impl Metrics {
         reason = "constant metric definitions into a fresh per-instance registry: the only failures \
                   are a bad name or a name registered twice, which every test that builds a Metrics catches"
     )]
-    pub fn new() -> Metrics {
+    pub(crate) fn new() -> Metrics {
         let registry = Registry::new();
         #[cfg(target_os = "linux")]
         {
@@ -386,7 +386,7 @@ impl Metrics {
         metrics
     }
 
-    pub fn listener(&self, name: &str) -> ListenerMetrics {
+    pub(crate) fn listener(&self, name: &str) -> ListenerMetrics {
         ListenerMetrics {
             connections_total: self.connections_total.with_label_values(&[name]),
             connections_active: self.connections_active.with_label_values(&[name]),
@@ -426,14 +426,14 @@ impl Metrics {
     }
 
     /// Count a reload of `source` (`config`, `file`, `dns`).
-    pub fn reload(&self, source: &str, ok: bool) {
+    pub(crate) fn reload(&self, source: &str, ok: bool) {
         self.reloads
             .with_label_values(&[source, if ok { "ok" } else { "error" }])
             .inc();
     }
 
     /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> Vec<u8> {
+    pub(crate) fn render(&self) -> Vec<u8> {
         let panics = PANICS.load(std::sync::atomic::Ordering::Relaxed);
         let seen = self.panics.get();
         if panics > seen {

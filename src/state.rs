@@ -16,25 +16,25 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-pub struct Shared {
-    pub metrics: Metrics,
-    pub listeners: ArcSwap<Vec<Arc<ListenerState>>>,
+pub(crate) struct Shared {
+    pub(crate) metrics: Metrics,
+    pub(crate) listeners: ArcSwap<Vec<Arc<ListenerState>>>,
     /// Set once on SIGTERM or `/quitquitquit`: `/ready` turns 503 for good.
-    pub draining: AtomicBool,
+    pub(crate) draining: AtomicBool,
     /// `/startup` latch: set the first time the process is ready, never cleared.
-    pub started: AtomicBool,
-    pub ready_file: Option<PathBuf>,
+    pub(crate) started: AtomicBool,
+    pub(crate) ready_file: Option<PathBuf>,
     /// Wakes the readiness watcher early (health or endpoint changes, drain).
-    pub readiness_changed: Notify,
+    pub(crate) readiness_changed: Notify,
     /// Cancelled to ask for a graceful shutdown (the admin `/quitquitquit` path).
-    pub shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
     /// `SIDECARSET_VERSION` from the environment (OpenKruise hot upgrade), sent with every
     /// `/ready` answer so `legate wait --handover` can tell which container answers.
-    pub sidecarset_version: Option<String>,
+    pub(crate) sidecarset_version: Option<String>,
 }
 
 impl Shared {
-    pub fn new(ready_file: Option<PathBuf>) -> Shared {
+    pub(crate) fn new(ready_file: Option<PathBuf>) -> Shared {
         Shared {
             metrics: Metrics::new(),
             listeners: ArcSwap::from_pointee(Vec::new()),
@@ -49,35 +49,35 @@ impl Shared {
         }
     }
 
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
 }
 
-pub struct ListenerState {
-    pub name: String,
-    pub config: ArcSwap<ListenerConfig>,
-    pub balancer: ArcSwap<Balancer>,
-    pub endpoints: Endpoints,
-    pub metrics: ListenerMetrics,
+pub(crate) struct ListenerState {
+    pub(crate) name: String,
+    pub(crate) config: ArcSwap<ListenerConfig>,
+    pub(crate) balancer: ArcSwap<Balancer>,
+    pub(crate) endpoints: Endpoints,
+    pub(crate) metrics: ListenerMetrics,
     /// True while the listening socket is open.
-    pub bound: AtomicBool,
+    pub(crate) bound: AtomicBool,
     /// Client connections open now (the `max_connections` count).
-    pub active: AtomicUsize,
+    pub(crate) active: AtomicUsize,
     /// Cancelled when this listener is removed or the process stops accepting.
-    pub accept_token: CancellationToken,
+    pub(crate) accept_token: CancellationToken,
     /// Cancelled when this listener is removed: its health checks and discovery.
-    pub tasks: CancellationToken,
+    pub(crate) tasks: CancellationToken,
     /// The discovery tasks of the current targets; replaced when the targets change.
-    pub discovery: std::sync::Mutex<CancellationToken>,
+    pub(crate) discovery: std::sync::Mutex<CancellationToken>,
     /// TLS material (origination and/or termination), swapped on certificate reload.
-    pub tls: crate::tls::ListenerTls,
+    pub(crate) tls: crate::tls::ListenerTls,
     /// Keeps per-connection warnings (connect failures, accept errors) to one a second.
-    pub warn_limit: RateLimit,
+    pub(crate) warn_limit: RateLimit,
 }
 
 impl ListenerState {
-    pub fn new(
+    pub(crate) fn new(
         config: ListenerConfig,
         tls: crate::tls::ListenerTls,
         metrics: &Metrics,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 const POLL: Duration = Duration::from_millis(100);
 
 /// The header `/ready` answers carry when the process has a `SIDECARSET_VERSION`.
-pub const VERSION_HEADER: &str = "legate-sidecarset-version";
+pub(crate) const VERSION_HEADER: &str = "legate-sidecarset-version";
 
 /// Returns the exit code (it only returns when not exec'ing, or when exec failed).
 pub fn wait(admin: SocketAddr, timeout: Duration, handover: bool, command: &[String]) -> i32 {

@@ -16,11 +16,11 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// Bursts of events closer than this are read once.
-pub const DEBOUNCE: Duration = Duration::from_millis(50);
+const DEBOUNCE: Duration = Duration::from_millis(50);
 /// A file that keeps changing is still read at least this often.
-pub const MAX_DEBOUNCE: Duration = Duration::from_millis(500);
+const MAX_DEBOUNCE: Duration = Duration::from_millis(500);
 
-pub struct FileWatch {
+pub(crate) struct FileWatch {
     path: PathBuf,
     directory: PathBuf,
     watcher: Option<RecommendedWatcher>,
@@ -35,7 +35,7 @@ pub struct FileWatch {
 
 impl FileWatch {
     /// Watch `path`; `poll` is the backstop re-read period.
-    pub fn new(path: &Path, poll: Duration) -> FileWatch {
+    pub(crate) fn new(path: &Path, poll: Duration) -> FileWatch {
         let directory = match path.parent() {
             Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
             _ => PathBuf::from("."),
@@ -53,10 +53,6 @@ impl FileWatch {
         };
         watch.arm();
         watch
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// The directories to watch: the file's own, and — when the file is a symlink —
@@ -129,7 +125,7 @@ impl FileWatch {
     }
 
     /// Wait until the file may have changed (an event, or the poll period passed).
-    pub async fn changed(&mut self) {
+    pub(crate) async fn changed(&mut self) {
         // Without a watch (the directory does not exist yet: a volume not mounted yet)
         // only polling can notice the file, so poll at least every second meanwhile.
         let poll = if self.watcher.is_some() {
@@ -176,7 +172,7 @@ fn inode(path: &Path) -> Option<(u64, u64)> {
 }
 
 /// Read at most `cap` bytes of `path`; `Ok(None)` when it is larger than `cap`.
-pub fn read_capped(path: &Path, cap: usize) -> std::io::Result<Option<Vec<u8>>> {
+pub(crate) fn read_capped(path: &Path, cap: usize) -> std::io::Result<Option<Vec<u8>>> {
     use std::io::Read;
     let file = std::fs::File::open(path)?;
     let mut buffer = Vec::new();

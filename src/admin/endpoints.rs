@@ -14,7 +14,7 @@ fn unix(time: SystemTime) -> f64 {
         .unwrap_or(0.0)
 }
 
-pub fn render(shared: &Shared) -> Vec<u8> {
+pub(crate) fn render(shared: &Shared) -> Vec<u8> {
     let now = monotonic_ms();
     let listeners: Vec<Value> = shared
         .listeners

@@ -10,6 +10,6 @@
 //! | `GET /endpoints` | JSON: listeners, targets, endpoints, health, open connections |
 //! | `POST /quitquitquit` | graceful shutdown |
 
-pub mod endpoints;
-pub mod ready;
-pub mod server;
+pub(crate) mod endpoints;
+pub(crate) mod ready;
+pub(crate) mod server;

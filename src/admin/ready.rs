@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Why the process is not ready, one line per cause; empty when ready.
-pub fn reasons(shared: &Shared) -> Vec<String> {
+pub(crate) fn reasons(shared: &Shared) -> Vec<String> {
     let mut reasons = Vec::new();
     if shared.is_draining() {
         reasons.push("draining: shutting down".to_string());
@@ -75,14 +75,14 @@ pub fn reasons(shared: &Shared) -> Vec<String> {
     reasons
 }
 
-pub fn latch_started(shared: &Shared) {
+pub(crate) fn latch_started(shared: &Shared) {
     if !shared.started.swap(true, Relaxed) {
         tracing::info!("ready: every required listener has a healthy endpoint");
     }
 }
 
 /// Bring the gauges, the startup latch and the ready file in line with the state now.
-pub fn refresh(shared: &Shared) {
+pub(crate) fn refresh(shared: &Shared) {
     let now = monotonic_ms();
     for listener in shared.listeners.load().iter() {
         let set = listener.endpoints.load();
@@ -113,7 +113,7 @@ pub fn refresh(shared: &Shared) {
 
 /// Keep the outside views of readiness current until `token` is cancelled; the ready
 /// file is removed on the way out.
-pub async fn watch(shared: Arc<Shared>, token: CancellationToken) {
+pub(crate) async fn watch(shared: Arc<Shared>, token: CancellationToken) {
     loop {
         refresh(&shared);
         tokio::select! {

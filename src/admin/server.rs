@@ -31,12 +31,8 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(2);
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 const RESERVED_FDS: usize = 4;
 
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    crate::proxy::listener::bind(addr)
-}
-
 /// Serve until `token` is cancelled.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, token: CancellationToken) {
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, token: CancellationToken) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut reserve = Reserve::new();
     loop {

@@ -15,7 +15,7 @@ use crate::config::Balance;
 use crate::discovery::{Endpoint, EndpointSet};
 use std::sync::atomic::AtomicUsize;
 
-pub struct Balancer {
+pub(crate) struct Balancer {
     policy: Balance,
     /// Round-robin position, and the tie-breaking start for least-conn.
     next: AtomicUsize,
@@ -59,19 +59,15 @@ impl<'a> Candidates<'a> {
 }
 
 impl Balancer {
-    pub fn new(policy: Balance) -> Balancer {
+    pub(crate) fn new(policy: Balance) -> Balancer {
         Balancer {
             policy,
             next: AtomicUsize::new(0),
         }
     }
 
-    pub fn policy(&self) -> Balance {
-        self.policy
-    }
-
     /// The index in `set` of the endpoint to dial next, or `None` when no candidate is left.
-    pub fn pick(&self, set: &EndpointSet, tried: &[usize], now_ms: u64) -> Option<usize> {
+    pub(crate) fn pick(&self, set: &EndpointSet, tried: &[usize], now_ms: u64) -> Option<usize> {
         let candidates = Candidates::new(set, tried, now_ms);
         match self.policy {
             Balance::RoundRobin => round_robin::pick(&candidates, &self.next),
@@ -96,7 +92,7 @@ pub(crate) mod test_support {
     use std::net::SocketAddr;
     use std::sync::Arc;
 
-    pub fn set(specs: &[(u32, bool, bool)]) -> EndpointSet {
+    pub(crate) fn set(specs: &[(u32, bool, bool)]) -> EndpointSet {
         EndpointSet {
             endpoints: specs
                 .iter()

@@ -9,7 +9,7 @@
 
 pub mod duration;
 mod file;
-pub mod target;
+pub(crate) mod target;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,7 +22,7 @@ pub use target::Target;
 pub struct Config {
     pub admin: AdminConfig,
     pub runtime: RuntimeConfig,
-    pub dns: DnsConfig,
+    pub(crate) dns: DnsConfig,
     pub listeners: Vec<ListenerConfig>,
 }
 
@@ -31,7 +31,7 @@ pub struct AdminConfig {
     /// Default `127.0.0.1:9901`.
     pub listen: SocketAddr,
     /// Exists exactly while `/ready` is 200.
-    pub ready_file: Option<PathBuf>,
+    pub(crate) ready_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -41,7 +41,7 @@ pub struct RuntimeConfig {
     /// Default 30s: how long open connections may take to finish once accepting stopped.
     pub drain_timeout: Duration,
     /// Where a new legate finds this one to take its sockets over.
-    pub handoff_socket: Handoff,
+    pub(crate) handoff_socket: Handoff,
 }
 
 /// `[runtime] handoff_socket`.
@@ -59,7 +59,7 @@ pub enum Handoff {
 
 impl Handoff {
     /// `@name`, `off`, or a path (at most 107 bytes, the limit of a Unix socket address).
-    pub fn parse(text: &str) -> Result<Handoff, String> {
+    pub(crate) fn parse(text: &str) -> Result<Handoff, String> {
         let socket = match text {
             "off" => return Ok(Handoff::Off),
             "" | "@" => {
@@ -80,7 +80,7 @@ impl Handoff {
     }
 
     /// The socket to use with this admin address, or `None` when off.
-    pub fn socket(&self, admin: SocketAddr) -> Option<HandoffSocket> {
+    pub(crate) fn socket(&self, admin: SocketAddr) -> Option<HandoffSocket> {
         match self {
             Handoff::Default => Some(HandoffSocket::Abstract(format!("legate-handoff:{admin}"))),
             Handoff::Off => None,
@@ -107,46 +107,46 @@ impl std::fmt::Display for HandoffSocket {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct DnsConfig {
+pub(crate) struct DnsConfig {
     /// Empty: use the system's resolv.conf.
-    pub servers: Vec<SocketAddr>,
+    pub(crate) servers: Vec<SocketAddr>,
     /// Default 1s.
-    pub min_ttl: Duration,
+    pub(crate) min_ttl: Duration,
     /// Default 5m.
-    pub max_ttl: Duration,
+    pub(crate) max_ttl: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ListenerConfig {
-    pub name: String,
-    pub listen: SocketAddr,
+    pub(crate) name: String,
+    pub(crate) listen: SocketAddr,
     /// At least one target; the listener's endpoint set is their union.
     pub upstream: Vec<Target>,
-    pub balance: Balance,
+    pub(crate) balance: Balance,
     /// Default 1s.
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     /// Default 3; at least 1.
-    pub connect_attempts: u32,
+    pub(crate) connect_attempts: u32,
     /// Default none: pooled database connections sit idle for hours.
-    pub idle_timeout: Option<Duration>,
+    pub(crate) idle_timeout: Option<Duration>,
     /// TCP_USER_TIMEOUT on both sockets of a connection: how long sent bytes may go
     /// unacknowledged before the connection is given up. Default 2m, the same as the
     /// keepalive's 60s + 6 × 10s, so an idle and a busy dead peer are found alike.
-    pub tcp_user_timeout: Duration,
+    pub(crate) tcp_user_timeout: Duration,
     /// SO_SNDBUF/SO_RCVBUF in bytes on both sockets; default none: the kernel autotunes
     /// (up to net.ipv4.tcp_rmem/tcp_wmem's maximum, megabytes per socket).
-    pub socket_buffer: Option<u32>,
+    pub(crate) socket_buffer: Option<u32>,
     /// Default 10000; at least 1.
-    pub max_connections: usize,
+    pub(crate) max_connections: usize,
     /// Default true.
-    pub required: bool,
-    pub health: HealthConfig,
-    pub tls: Option<TlsClientConfig>,
-    pub tls_server: Option<TlsServerConfig>,
+    pub(crate) required: bool,
+    pub(crate) health: HealthConfig,
+    pub(crate) tls: Option<TlsClientConfig>,
+    pub(crate) tls_server: Option<TlsServerConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Balance {
+pub(crate) enum Balance {
     RoundRobin,
     LeastConn,
     Random,
@@ -154,7 +154,7 @@ pub enum Balance {
 }
 
 impl Balance {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Balance::RoundRobin => "round-robin",
             Balance::LeastConn => "least-conn",
@@ -165,7 +165,7 @@ impl Balance {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CheckKind {
+pub(crate) enum CheckKind {
     None,
     Tcp,
     Redis,
@@ -174,7 +174,7 @@ pub enum CheckKind {
 }
 
 impl CheckKind {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             CheckKind::None => "none",
             CheckKind::Tcp => "tcp",
@@ -186,24 +186,24 @@ impl CheckKind {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct HealthConfig {
+pub(crate) struct HealthConfig {
     /// Default tcp.
-    pub check: CheckKind,
+    pub(crate) check: CheckKind,
     /// Default 5s.
-    pub interval: Duration,
+    pub(crate) interval: Duration,
     /// Default 1s.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// Consecutive passes before an endpoint turns healthy. Default 1.
-    pub healthy_after: u32,
+    pub(crate) healthy_after: u32,
     /// Consecutive failures before a healthy endpoint turns unhealthy. Default 2.
-    pub unhealthy_after: u32,
+    pub(crate) unhealthy_after: u32,
     /// Close open client connections to an endpoint when it turns unhealthy. Default false.
-    pub close_on_unhealthy: bool,
+    pub(crate) close_on_unhealthy: bool,
     /// Redis AUTH password for `redis`/`redis-primary` checks (`password` or `password_file`).
-    pub password: Option<Secret>,
+    pub(crate) password: Option<Secret>,
     /// MySQL account (empty password) the `mysql` check logs in as, then leaves with
     /// `COM_QUIT`; none: the check reads the greeting and closes.
-    pub user: Option<String>,
+    pub(crate) user: Option<String>,
 }
 
 impl Default for HealthConfig {
@@ -223,7 +223,7 @@ impl Default for HealthConfig {
 
 /// A secret value that never prints itself.
 #[derive(Clone, PartialEq, Eq)]
-pub enum Secret {
+pub(crate) enum Secret {
     Inline(String),
     File(PathBuf),
 }
@@ -238,40 +238,40 @@ impl std::fmt::Debug for Secret {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsVersion {
+pub(crate) enum TlsVersion {
     Tls12,
     Tls13,
 }
 
 /// `tls = { ... }`: originate TLS toward the upstream.
 #[derive(Debug, Clone, PartialEq)]
-pub struct TlsClientConfig {
+pub(crate) struct TlsClientConfig {
     /// Server name to send and verify; defaults to the target's host name.
-    pub sni: Option<String>,
+    pub(crate) sni: Option<String>,
     /// CA bundle (PEM); default: the webpki roots.
-    pub ca: Option<PathBuf>,
+    pub(crate) ca: Option<PathBuf>,
     /// Client certificate and key for mTLS; both or neither.
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-    pub alpn: Vec<String>,
+    pub(crate) cert: Option<PathBuf>,
+    pub(crate) key: Option<PathBuf>,
+    pub(crate) alpn: Vec<String>,
     /// Default TLS 1.2.
-    pub min_version: TlsVersion,
-    pub insecure_skip_verify: bool,
+    pub(crate) min_version: TlsVersion,
+    pub(crate) insecure_skip_verify: bool,
 }
 
 /// `tls_server = { ... }`: terminate TLS from the client.
 #[derive(Debug, Clone, PartialEq)]
-pub struct TlsServerConfig {
-    pub cert: PathBuf,
-    pub key: PathBuf,
+pub(crate) struct TlsServerConfig {
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
     /// When set, clients must present a certificate signed by this CA.
-    pub client_ca: Option<PathBuf>,
-    pub min_version: TlsVersion,
+    pub(crate) client_ca: Option<PathBuf>,
+    pub(crate) min_version: TlsVersion,
 }
 
 impl ListenerConfig {
     /// A listener with every default, as quick mode (`--listen`/`--upstream`) builds it.
-    pub fn with_defaults(name: String, listen: SocketAddr, upstream: Vec<Target>) -> Self {
+    pub(crate) fn with_defaults(name: String, listen: SocketAddr, upstream: Vec<Target>) -> Self {
         ListenerConfig {
             name,
             listen,
@@ -348,13 +348,13 @@ impl Config {
     }
 
     /// Parse and validate configuration text; `path` is only used in error messages.
-    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    pub(crate) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         file::parse(text, path)
     }
 
     /// Checks that hold for any configuration, however it was built
     /// (file or quick mode): unique names and listen addresses, at least one listener.
-    pub fn validate_quick(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate_quick(&self) -> Result<(), ConfigError> {
         if self.listeners.is_empty() {
             return Err(ConfigError::Invalid(
                 "no listeners: give -c FILE or at least one --listen ADDR --upstream TARGET pair"

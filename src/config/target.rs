@@ -25,7 +25,7 @@ pub enum Target {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct TargetError(pub String);
+pub struct TargetError(pub(crate) String);
 
 const FORMS: &str =
     "expected HOST:PORT, IP:PORT, [IPv6]:PORT, dns:HOST:PORT, srv:NAME or file:PATH";

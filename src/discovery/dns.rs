@@ -72,26 +72,26 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 const QUERY_RETRIES: usize = 1;
 /// A bound on one whole lookup (search-list names and retries included), in case the
 /// resolver's own timeouts add up to more.
-pub const LOOKUP_DEADLINE: Duration = Duration::from_secs(5);
+const LOOKUP_DEADLINE: Duration = Duration::from_secs(5);
 /// Refresh no more often than this, whatever `min_ttl` and the TTL say.
-pub const MIN_REFRESH: Duration = Duration::from_millis(250);
+const MIN_REFRESH: Duration = Duration::from_millis(250);
 /// Back-off after a failed lookup starts here and doubles ...
 const BACKOFF_START: Duration = Duration::from_millis(250);
 /// ... up to `min(max_ttl, BACKOFF_MAX)`.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Addresses kept per target; the rest of a huge answer is dropped (counted in
 /// `legate_dns_truncated_total`, with a warning when it starts).
-pub const MAX_ENDPOINTS: usize = 1024;
+pub(crate) const MAX_ENDPOINTS: usize = 1024;
 
 /// The process's resolver, built once from `[dns]`.
-pub struct DnsResolver {
+pub(crate) struct DnsResolver {
     resolver: TokioResolver,
     min_ttl: Duration,
     max_ttl: Duration,
 }
 
 impl DnsResolver {
-    pub fn new(config: &DnsConfig) -> Result<DnsResolver, String> {
+    pub(crate) fn new(config: &DnsConfig) -> Result<DnsResolver, String> {
         let (resolver_config, mut options) = if config.servers.is_empty() {
             match hickory_resolver::system_conf::read_system_conf() {
                 Ok(system) => system,
@@ -132,7 +132,7 @@ impl DnsResolver {
 
     /// One lookup of `host` (A and AAAA), for names written in endpoint files; bounded
     /// in time like every lookup here.
-    pub async fn addresses(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+    pub(crate) async fn addresses(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
         match tokio::time::timeout(LOOKUP_DEADLINE, self.resolve_host(host, port)).await {
             Ok(Ok(answer)) => Ok(answer.endpoints.into_iter().map(|e| e.addr).collect()),
             Ok(Err(error)) => Err(error.to_string()),
@@ -241,7 +241,7 @@ struct Answer {
 
 /// Why a lookup failed, in words short enough for `/ready`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum LookupError {
+enum LookupError {
     #[error("{name}: NXDOMAIN")]
     NxDomain { name: String },
     #[error("{name}: no records")]
@@ -285,7 +285,7 @@ impl LookupError {
     }
 
     /// A short label for logs: `nxdomain`, `servfail`, `timeout`, ...
-    pub fn kind(&self) -> String {
+    pub(crate) fn kind(&self) -> String {
         match self {
             LookupError::NxDomain { .. } => "nxdomain".into(),
             LookupError::NoRecords { .. } => "no_records".into(),
@@ -365,7 +365,7 @@ fn srv_records(answers: &[Record]) -> Vec<(u16, u16, u16, Name)> {
 /// additional section carries for it. The same functions as a live lookup, so the
 /// `dns_answer` fuzz target (`fuzz/`) drives them with server-chosen bytes.
 #[doc(hidden)]
-pub fn endpoints_from_response(
+pub(crate) fn endpoints_from_response(
     answers: &[Record],
     additionals: &[Record],
     port: u16,
@@ -673,7 +673,7 @@ fn show_endpoints(endpoints: &[EndpointSpec]) -> String {
 }
 
 /// Keep `target` (an A/AAAA name) resolved into `listener`'s endpoints until cancelled.
-pub async fn run(
+pub(crate) async fn run(
     resolver: Arc<DnsResolver>,
     listener: Arc<ListenerState>,
     shared: Arc<Shared>,
@@ -697,7 +697,7 @@ pub async fn run(
 }
 
 /// Keep `target` (an SRV name) resolved into `listener`'s endpoints until cancelled.
-pub async fn run_srv(
+pub(crate) async fn run_srv(
     resolver: Arc<DnsResolver>,
     listener: Arc<ListenerState>,
     shared: Arc<Shared>,

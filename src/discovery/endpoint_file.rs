@@ -13,16 +13,16 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 /// The largest endpoint file legate reads; anything bigger is refused, not truncated.
-pub const MAX_ENDPOINT_FILE_BYTES: usize = 1 << 20;
+pub(crate) const MAX_ENDPOINT_FILE_BYTES: usize = 1 << 20;
 
 /// The most traffic share one endpoint may ask for relative to a `weight=1` peer.
-pub const MAX_WEIGHT: u32 = 10_000;
+const MAX_WEIGHT: u32 = 10_000;
 
 /// One endpoint as written on one line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointLine {
-    pub host: Host,
-    pub port: u16,
+    pub(crate) host: Host,
+    pub(crate) port: u16,
     /// 1..=10000; 1 when not written.
     pub weight: u32,
     /// Gets traffic only while no other endpoint of the listener is healthy.
@@ -31,7 +31,7 @@ pub struct EndpointLine {
 
 /// The host part of a line: an address to use as is, or a name to resolve.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Host {
+pub(crate) enum Host {
     Ip(IpAddr),
     Name(String),
 }
@@ -50,8 +50,8 @@ impl std::fmt::Display for Host {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("line {line}: {message}")]
 pub struct EndpointFileError {
-    pub line: usize,
-    pub message: String,
+    pub(crate) line: usize,
+    pub(crate) message: String,
 }
 
 /// Parse a whole endpoint file, refusing it entirely if any line is bad.

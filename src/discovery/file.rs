@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 /// Backstop re-read period for when inotify events are lost.
 const POLL: Duration = Duration::from_secs(10);
 
-pub async fn run(
+pub(crate) async fn run(
     resolver: Arc<DnsResolver>,
     listener: Arc<ListenerState>,
     shared: Arc<Shared>,

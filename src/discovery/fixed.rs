@@ -3,6 +3,6 @@ use super::{EndpointSpec, Endpoints};
 use std::net::SocketAddr;
 
 /// Publish a static address once; it never needs a refresh.
-pub fn publish(endpoints: &Endpoints, target: &str, addr: SocketAddr) {
+pub(crate) fn publish(endpoints: &Endpoints, target: &str, addr: SocketAddr) {
     endpoints.update(target, vec![EndpointSpec::plain(addr)]);
 }

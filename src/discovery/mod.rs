@@ -7,10 +7,10 @@
 //! `Arc<EndpointState>` that is carried from snapshot to snapshot by address, so a
 //! re-resolve or a rewritten file never resets the health of an endpoint that stays.
 
-pub mod dns;
+pub(crate) mod dns;
 pub mod endpoint_file;
-pub mod file;
-pub mod fixed;
+pub(crate) mod file;
+pub(crate) mod fixed;
 
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Milliseconds on a monotonic clock that starts near process start; 0 never occurs
 /// after the first call, so 0 can mean "not set".
-pub fn monotonic_ms() -> u64 {
+pub(crate) fn monotonic_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     let start = START.get_or_init(|| Instant::now() - Duration::from_millis(1));
     start.elapsed().as_millis() as u64
@@ -31,7 +31,7 @@ pub fn monotonic_ms() -> u64 {
 
 /// What the active checks last concluded about an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Health {
+pub(crate) enum Health {
     /// Not checked yet: gets no traffic (so /startup never turns 200 before a backend answered).
     Unknown = 0,
     Healthy = 1,
@@ -47,7 +47,7 @@ impl Health {
         }
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Health::Unknown => "unknown",
             Health::Healthy => "healthy",
@@ -62,10 +62,10 @@ const EJECT_MAX_MS: u64 = 30_000;
 
 /// Live state of one endpoint, shared across snapshots and with the admin server.
 #[derive(Debug, Default)]
-pub struct EndpointState {
+pub(crate) struct EndpointState {
     health: AtomicU8,
     /// Client connections open to this endpoint now.
-    pub active: AtomicUsize,
+    pub(crate) active: AtomicUsize,
     /// `monotonic_ms()` until which the endpoint is passively ejected; 0 = not ejected.
     ejected_until: AtomicU64,
     connect_failures_in_row: AtomicU32,
@@ -89,34 +89,34 @@ pub struct EndpointState {
 }
 
 #[derive(Debug, Clone)]
-pub struct CheckRecord {
-    pub at: SystemTime,
-    pub error: Option<String>,
+pub(crate) struct CheckRecord {
+    pub(crate) at: SystemTime,
+    pub(crate) error: Option<String>,
 }
 
 impl EndpointState {
-    pub fn health(&self) -> Health {
+    pub(crate) fn health(&self) -> Health {
         Health::from_u8(self.health.load(Ordering::Relaxed))
     }
 
     /// Healthy and not passively ejected: may receive a new connection now.
-    pub fn is_eligible(&self, now_ms: u64) -> bool {
+    pub(crate) fn is_eligible(&self, now_ms: u64) -> bool {
         self.health() == Health::Healthy && self.ejected_until.load(Ordering::Relaxed) <= now_ms
     }
 
-    pub fn ejected_for(&self, now_ms: u64) -> Option<Duration> {
+    pub(crate) fn ejected_for(&self, now_ms: u64) -> Option<Duration> {
         let until = self.ejected_until.load(Ordering::Relaxed);
         (until > now_ms).then(|| Duration::from_millis(until - now_ms))
     }
 
     /// With `check = "none"` there is no active check to wait for.
-    pub fn assume_healthy(&self) {
+    pub(crate) fn assume_healthy(&self) {
         self.health.store(Health::Healthy as u8, Ordering::Relaxed);
     }
 
     /// A dial succeeded: the back-off starts over, and an ejection ends (a last-resort
     /// dial succeeds while the endpoint is still ejected).
-    pub fn connect_succeeded(&self, now_ms: u64) {
+    pub(crate) fn connect_succeeded(&self, now_ms: u64) {
         if self.connect_failures_in_row.load(Ordering::Relaxed) != 0 {
             self.connect_failures_in_row.store(0, Ordering::Relaxed);
         }
@@ -133,7 +133,7 @@ impl EndpointState {
     /// while its checks pass, or unhealthy because its last check could not connect. A new
     /// connection with nothing eligible may still try it. One ruled out by what it
     /// answered (a replica, an error reply) or not checked yet is never tried this way.
-    pub fn is_last_resort(&self) -> bool {
+    pub(crate) fn is_last_resort(&self) -> bool {
         match self.health() {
             Health::Healthy => true,
             Health::Unhealthy => !self.ruled_out.load(Ordering::Relaxed),
@@ -142,20 +142,20 @@ impl EndpointState {
     }
 
     /// When the endpoint was last known good, in `monotonic_ms()`; 0 = never.
-    pub fn last_good_ms(&self) -> u64 {
+    pub(crate) fn last_good_ms(&self) -> u64 {
         self.last_good_ms.load(Ordering::Relaxed)
     }
 
     /// A check failed: `unreachable` if it could not connect at all, else the endpoint
     /// is ruled out by what it answered until a check passes.
-    pub fn note_failure(&self, unreachable: bool) {
+    pub(crate) fn note_failure(&self, unreachable: bool) {
         if !unreachable {
             self.ruled_out.store(true, Ordering::Relaxed);
         }
     }
 
     /// A dial failed: eject for an exponentially growing period.
-    pub fn connect_failed(&self, now_ms: u64) -> Duration {
+    pub(crate) fn connect_failed(&self, now_ms: u64) -> Duration {
         let failures = self
             .connect_failures_in_row
             .fetch_add(1, Ordering::Relaxed)
@@ -168,7 +168,8 @@ impl EndpointState {
 
     /// Apply one active check result with rise/fall thresholds; returns true when the
     /// health state changed.
-    pub fn record_check(
+    #[cfg(test)]
+    pub(crate) fn record_check(
         &self,
         result: Result<Option<String>, String>,
         healthy_after: u32,
@@ -182,7 +183,7 @@ impl EndpointState {
 
     /// Like `record_check`, but a failure may carry a detail too (a Redis replica's
     /// role, shown in `/endpoints`).
-    pub fn record_result(
+    pub(crate) fn record_result(
         &self,
         result: Result<(), String>,
         detail: Option<String>,
@@ -226,21 +227,21 @@ impl EndpointState {
 
     /// The signal that closes the client connections open to this endpoint now; take it
     /// once per connection, after the dial.
-    pub fn close_signal(&self) -> CancellationToken {
+    pub(crate) fn close_signal(&self) -> CancellationToken {
         CancellationToken::clone(&self.close.load())
     }
 
     /// Close the client connections open to this endpoint (`close_on_unhealthy`): cancel
     /// the current signal and put a fresh one in its place for later connections.
-    pub fn close_connections(&self) {
+    pub(crate) fn close_connections(&self) {
         self.close.swap(Arc::new(CancellationToken::new())).cancel();
     }
 
-    pub fn last_check(&self) -> Option<CheckRecord> {
+    pub(crate) fn last_check(&self) -> Option<CheckRecord> {
         lock(&self.last_check).clone()
     }
 
-    pub fn detail(&self) -> Option<String> {
+    pub(crate) fn detail(&self) -> Option<String> {
         lock(&self.detail).clone()
     }
 }
@@ -255,14 +256,14 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// An endpoint as a discovery source reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EndpointSpec {
-    pub addr: SocketAddr,
-    pub weight: u32,
-    pub backup: bool,
+pub(crate) struct EndpointSpec {
+    pub(crate) addr: SocketAddr,
+    pub(crate) weight: u32,
+    pub(crate) backup: bool,
 }
 
 impl EndpointSpec {
-    pub fn plain(addr: SocketAddr) -> EndpointSpec {
+    pub(crate) fn plain(addr: SocketAddr) -> EndpointSpec {
         EndpointSpec {
             addr,
             weight: 1,
@@ -273,23 +274,23 @@ impl EndpointSpec {
 
 /// One endpoint in a published snapshot.
 #[derive(Debug, Clone)]
-pub struct Endpoint {
-    pub addr: SocketAddr,
-    pub weight: u32,
-    pub backup: bool,
+pub(crate) struct Endpoint {
+    pub(crate) addr: SocketAddr,
+    pub(crate) weight: u32,
+    pub(crate) backup: bool,
     /// The targets it came from, as written (`file:/x`, `dns:redis:6379`, ...).
-    pub sources: Vec<Arc<str>>,
-    pub state: Arc<EndpointState>,
+    pub(crate) sources: Vec<Arc<str>>,
+    pub(crate) state: Arc<EndpointState>,
 }
 
 /// An immutable snapshot of a listener's endpoints, in target order.
 #[derive(Debug, Default)]
-pub struct EndpointSet {
-    pub endpoints: Vec<Endpoint>,
+pub(crate) struct EndpointSet {
+    pub(crate) endpoints: Vec<Endpoint>,
 }
 
 impl EndpointSet {
-    pub fn healthy_count(&self, now_ms: u64) -> usize {
+    pub(crate) fn healthy_count(&self, now_ms: u64) -> usize {
         self.endpoints
             .iter()
             .filter(|endpoint| endpoint.state.is_eligible(now_ms))
@@ -299,30 +300,30 @@ impl EndpointSet {
 
 /// What one target last reported, and when.
 #[derive(Debug, Clone)]
-pub struct SourceStatus {
-    pub target: Arc<str>,
+pub(crate) struct SourceStatus {
+    pub(crate) target: Arc<str>,
     /// `None` until the first successful resolution or read.
-    pub updated: Option<SystemTime>,
-    pub error: Option<String>,
-    pub endpoints: Vec<EndpointSpec>,
+    pub(crate) updated: Option<SystemTime>,
+    pub(crate) error: Option<String>,
+    pub(crate) endpoints: Vec<EndpointSpec>,
     /// False until the target has produced an answer once (a file that does not exist
     /// yet, a name that does not resolve yet).
-    pub resolved: bool,
+    pub(crate) resolved: bool,
 }
 
 /// A listener's endpoints: the per-target answers and the published union.
-pub struct Endpoints {
+pub(crate) struct Endpoints {
     published: ArcSwap<EndpointSet>,
     sources: Mutex<Vec<SourceStatus>>,
     /// Woken when the published set changes, so health checks run at once for newcomers.
-    pub changed: Notify,
+    pub(crate) changed: Notify,
     /// Woken when a new set is published or any endpoint's health changes: connections
     /// waiting for a newcomer's first check listen here.
-    pub health_changed: Notify,
+    pub(crate) health_changed: Notify,
 }
 
 impl Endpoints {
-    pub fn new(targets: &[String]) -> Endpoints {
+    pub(crate) fn new(targets: &[String]) -> Endpoints {
         Endpoints {
             published: ArcSwap::from_pointee(EndpointSet::default()),
             sources: Mutex::new(
@@ -343,17 +344,17 @@ impl Endpoints {
     }
 
     /// The current snapshot; cheap, lock-free.
-    pub fn load(&self) -> Arc<EndpointSet> {
+    pub(crate) fn load(&self) -> Arc<EndpointSet> {
         self.published.load_full()
     }
 
-    pub fn sources(&self) -> Vec<SourceStatus> {
+    pub(crate) fn sources(&self) -> Vec<SourceStatus> {
         lock(&self.sources).clone()
     }
 
     /// Change the listener's targets (a config reload): answers of targets that stay
     /// are kept, new targets start unresolved, and the union is republished.
-    pub fn set_targets(&self, targets: &[String]) {
+    pub(crate) fn set_targets(&self, targets: &[String]) {
         let mut sources = lock(&self.sources);
         let mut next: Vec<SourceStatus> = Vec::with_capacity(targets.len());
         for target in targets {
@@ -378,7 +379,7 @@ impl Endpoints {
     }
 
     /// Record a failed resolution or read of `target`: the last good answer stays.
-    pub fn source_failed(&self, target: &str, error: String) {
+    pub(crate) fn source_failed(&self, target: &str, error: String) {
         let mut sources = lock(&self.sources);
         if let Some(source) = sources.iter_mut().find(|s| &*s.target == target) {
             source.error = Some(error);
@@ -387,7 +388,7 @@ impl Endpoints {
 
     /// Replace what `target` reports and publish the new union if it differs.
     /// Returns true when a new snapshot was published.
-    pub fn update(&self, target: &str, endpoints: Vec<EndpointSpec>) -> bool {
+    pub(crate) fn update(&self, target: &str, endpoints: Vec<EndpointSpec>) -> bool {
         let mut sources = lock(&self.sources);
         let Some(source) = sources.iter_mut().find(|s| &*s.target == target) else {
             return false;

@@ -37,21 +37,21 @@ use tokio_util::sync::CancellationToken;
 
 /// Why a check did not pass.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure {
+pub(crate) struct Failure {
     /// What went wrong, for logs and `/endpoints` (never a secret).
-    pub reason: String,
+    pub(crate) reason: String,
     /// An extra fact still worth showing, such as a Redis replica's role.
-    pub detail: Option<String>,
+    pub(crate) detail: Option<String>,
     /// The endpoint answered clearly that it must get no traffic (a replica under
     /// `redis-primary`): unhealthy at once, whatever `unhealthy_after` says.
-    pub not_eligible: bool,
+    pub(crate) not_eligible: bool,
     /// The check could not connect at all (refused, timed out, unreachable): nothing the
     /// endpoint said rules it out, so it stays a last-resort candidate.
-    pub unreachable: bool,
+    pub(crate) unreachable: bool,
 }
 
 impl Failure {
-    pub fn new(reason: impl Into<String>) -> Failure {
+    pub(crate) fn new(reason: impl Into<String>) -> Failure {
         Failure {
             reason: reason.into(),
             detail: None,
@@ -61,14 +61,14 @@ impl Failure {
     }
 
     /// The TCP connect itself failed or timed out.
-    pub fn unreachable(reason: impl Into<String>) -> Failure {
+    pub(crate) fn unreachable(reason: impl Into<String>) -> Failure {
         Failure {
             unreachable: true,
             ..Failure::new(reason)
         }
     }
 
-    pub fn not_eligible(reason: impl Into<String>, detail: impl Into<String>) -> Failure {
+    pub(crate) fn not_eligible(reason: impl Into<String>, detail: impl Into<String>) -> Failure {
         Failure {
             reason: reason.into(),
             detail: Some(detail.into()),
@@ -79,9 +79,9 @@ impl Failure {
 }
 
 /// `Ok(detail)` when the endpoint passed (detail: e.g. a Redis role), `Err` if not.
-pub type CheckResult = Result<Option<String>, Failure>;
+pub(crate) type CheckResult = Result<Option<String>, Failure>;
 
-pub trait Check: Send + Sync + 'static {
+pub(crate) trait Check: Send + Sync + 'static {
     /// Probe `addr`; the check should give up at `deadline` with a reason that says
     /// what it was waiting for (the runner also enforces the deadline).
     fn check(
@@ -106,16 +106,16 @@ fn checker_for(config: &HealthConfig) -> Option<Arc<dyn Check>> {
 /// Where a check goes: the endpoint, and the listener's TLS settings when the upstream
 /// speaks TLS (checks then run inside a TLS session, as the traffic does).
 #[derive(Clone)]
-pub struct Probe {
-    pub addr: SocketAddr,
-    pub tls: Option<(
+pub(crate) struct Probe {
+    pub(crate) addr: SocketAddr,
+    pub(crate) tls: Option<(
         Arc<crate::tls::ClientSide>,
         rustls::pki_types::ServerName<'static>,
     )>,
 }
 
 /// A connected check stream, plain or TLS.
-pub trait ProbeStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+trait ProbeStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ProbeStream for T {}
 
 /// Connect (and handshake, for TLS) before `deadline`.
@@ -196,7 +196,11 @@ pub(crate) fn printable(bytes: &[u8], max: usize) -> String {
 }
 
 /// Check `listener`'s endpoints until `token` is cancelled.
-pub async fn run(listener: Arc<ListenerState>, shared: Arc<Shared>, token: CancellationToken) {
+pub(crate) async fn run(
+    listener: Arc<ListenerState>,
+    shared: Arc<Shared>,
+    token: CancellationToken,
+) {
     let mut only_new = false;
     // The first round runs at once, unspread: readiness (and a handover's commit) waits
     // for it, and processes start at different times anyway.
@@ -322,7 +326,7 @@ pub async fn run(listener: Arc<ListenerState>, shared: Arc<Shared>, token: Cance
 }
 
 /// `1s`, `250ms`: durations as the user wrote them in config.
-pub fn show(duration: Duration) -> String {
+pub(crate) fn show(duration: Duration) -> String {
     if duration.subsec_millis() == 0 && duration.as_secs() > 0 {
         format!("{}s", duration.as_secs())
     } else {

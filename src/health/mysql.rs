@@ -36,7 +36,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
 /// The largest packet payload accepted from the server.
-pub const MAX_PACKET: usize = 64 * 1024;
+const MAX_PACKET: usize = 64 * 1024;
 const HEADER: usize = 4;
 
 /// Capability flags (the protocol's `CLIENT_*`), as far as the login uses them.
@@ -53,14 +53,14 @@ const MAX_LOGIN_PACKETS: usize = 4;
 
 /// What the server said first.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Greeting {
+pub(crate) enum Greeting {
     Handshake { version: String, capabilities: u32 },
     Error { code: u16, message: String },
 }
 
 /// What the server answered to the login.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LoginReply {
+pub(crate) enum LoginReply {
     /// 0x00: logged in.
     Ok,
     /// 0xff: refused, with the server's error code and message.
@@ -95,7 +95,7 @@ fn frame(buf: &[u8], what: &str) -> Result<Option<(u8, usize)>, String> {
 
 /// Parse the first packet from `buf`: `Ok(None)` while incomplete, `Err(reason)` when it
 /// is not a usable greeting.
-pub fn parse(buf: &[u8]) -> Result<Option<Greeting>, String> {
+pub(crate) fn parse(buf: &[u8]) -> Result<Option<Greeting>, String> {
     let Some((seq, end)) = frame(buf, "greeting")? else {
         return Ok(None);
     };
@@ -162,7 +162,7 @@ fn error(rest: &[u8]) -> Result<(u16, String), String> {
 }
 
 /// Parse one reply to the login, from its payload.
-pub fn parse_login_reply(payload: &[u8]) -> Result<LoginReply, String> {
+pub(crate) fn parse_login_reply(payload: &[u8]) -> Result<LoginReply, String> {
     match payload {
         [0x00, ..] => Ok(LoginReply::Ok),
         [0xff, rest @ ..] => error(rest).map(|(code, message)| LoginReply::Error { code, message }),
@@ -234,10 +234,10 @@ async fn read_packet(
     }
 }
 
-pub struct MysqlCheck {
+pub(crate) struct MysqlCheck {
     /// Log in as this account (empty password) and leave with `COM_QUIT`; `None`: read
     /// the greeting and close.
-    pub user: Option<String>,
+    pub(crate) user: Option<String>,
 }
 
 async fn probe(target: Probe, deadline: Instant, user: Option<&str>) -> CheckResult {

@@ -25,7 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 /// The most bytes one reply may take; a longer one fails the check.
-pub const MAX_REPLY: usize = 64 * 1024;
+const MAX_REPLY: usize = 64 * 1024;
 /// Arrays nested deeper than this are refused (ROLE nests two levels).
 const MAX_DEPTH: usize = 8;
 /// The longest password file we read.
@@ -33,7 +33,7 @@ const MAX_PASSWORD: u64 = 64 * 1024;
 
 /// One RESP2 reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reply {
+pub(crate) enum Reply {
     Simple(String),
     Error(String),
     Integer(i64),
@@ -43,7 +43,7 @@ pub enum Reply {
 
 /// Why bytes are not a (small enough) RESP reply.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RespError {
+pub(crate) enum RespError {
     #[error("reply larger than {} KiB", MAX_REPLY / 1024)]
     TooLarge,
     #[error("not a RESP reply: {0}")]
@@ -52,7 +52,7 @@ pub enum RespError {
 
 /// Parse one reply from the start of `buf`: `Ok(None)` while it is incomplete, else the
 /// reply and the number of bytes it took.
-pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, RespError> {
+pub(crate) fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, RespError> {
     parse_at(buf, 0, 0)
 }
 
@@ -176,20 +176,20 @@ enum Ask {
     Role,
 }
 
-pub struct RedisCheck {
+pub(crate) struct RedisCheck {
     ask: Ask,
     password: Option<Secret>,
 }
 
 impl RedisCheck {
-    pub fn ping(password: Option<Secret>) -> RedisCheck {
+    pub(crate) fn ping(password: Option<Secret>) -> RedisCheck {
         RedisCheck {
             ask: Ask::Ping,
             password,
         }
     }
 
-    pub fn role(password: Option<Secret>) -> RedisCheck {
+    pub(crate) fn role(password: Option<Secret>) -> RedisCheck {
         RedisCheck {
             ask: Ask::Role,
             password,

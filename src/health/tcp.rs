@@ -4,7 +4,7 @@ use std::future::Future;
 use std::pin::Pin;
 use tokio::time::Instant;
 
-pub struct TcpCheck;
+pub(crate) struct TcpCheck;
 
 impl Check for TcpCheck {
     fn check(

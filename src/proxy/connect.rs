@@ -20,17 +20,19 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::TcpStream;
 
-pub struct Upstream {
-    pub stream: UpstreamStream,
-    pub addr: SocketAddr,
-    pub state: Arc<EndpointState>,
+pub(crate) struct Upstream {
+    pub(crate) stream: UpstreamStream,
+    pub(crate) addr: SocketAddr,
+    pub(crate) state: Arc<EndpointState>,
 }
 
-#[derive(Debug)]
-pub enum ConnectError {
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnectError {
     /// Nothing eligible to try.
+    #[error("no eligible endpoint")]
     NoEndpoint,
     /// Every attempt failed; the last error says why.
+    #[error("{attempts} attempt(s) failed, the last: {last}")]
     Failed { attempts: usize, last: String },
 }
 
@@ -142,7 +144,7 @@ fn error_reason(error: &std::io::Error) -> &'static str {
     }
 }
 
-pub async fn connect(
+pub(crate) async fn connect(
     listener: &ListenerState,
     config: &ListenerConfig,
 ) -> Result<Upstream, ConnectError> {

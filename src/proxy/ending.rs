@@ -7,7 +7,7 @@ use std::time::Duration;
 
 /// How a forwarded connection ended.
 #[derive(Debug)]
-pub enum End {
+pub(crate) enum End {
     /// Both directions reached end of stream.
     Closed,
     /// A peer reset or failed; the other side was reset too.
@@ -21,13 +21,13 @@ pub enum End {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
+pub(crate) enum Side {
     Client,
     Upstream,
 }
 
 impl Side {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Side::Client => "client",
             Side::Upstream => "upstream",
@@ -35,12 +35,12 @@ impl Side {
     }
 }
 
-pub struct Outcome {
-    pub end: End,
+pub(crate) struct Outcome {
+    pub(crate) end: End,
     /// Bytes sent toward the backend.
-    pub upstream_bytes: u64,
+    pub(crate) upstream_bytes: u64,
     /// Bytes sent toward the client.
-    pub downstream_bytes: u64,
+    pub(crate) downstream_bytes: u64,
 }
 
 /// Which socket of a direction failed.

@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use super::splice;
 
 /// [`forward`] for whichever streams the listener produced.
-pub async fn forward_any(
+pub(crate) async fn forward_any(
     client: ClientStream,
     upstream: UpstreamStream,
     metrics: &ListenerMetrics,
@@ -57,7 +57,7 @@ pub async fn forward_any(
 
 /// Forward until the connection ends; bytes are added to `metrics` as they move.
 /// Plaintext on both sides splices; anything with TLS copies through buffers.
-pub async fn forward<C: Transport, U: Transport>(
+pub(crate) async fn forward<C: Transport, U: Transport>(
     mut client: C,
     mut upstream: U,
     metrics: &ListenerMetrics,

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// Bind a listening socket the way a proxy wants it.
-pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
@@ -47,7 +47,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// Accept until `listener.accept_token` is cancelled, then hand the socket back (a
 /// reload may give the address to another listener; dropping it stops listening).
 /// Connection tasks go to `tracker` and end early when `connections` is cancelled.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: Arc<ListenerState>,
     socket: TcpListener,
     tracker: TaskTracker,
@@ -189,7 +189,7 @@ async fn handle(
             // Reset, not FIN: the client must not take "no backend" for a served,
             // cleanly closed connection (the same as over max_connections).
             super::reset_on_close(client.tcp());
-            tracing::debug!(listener = %listener.name, %peer, ?error, "client reset: no upstream");
+            tracing::debug!(listener = %listener.name, %peer, %error, "client reset: no upstream");
             return;
         }
     };

@@ -4,15 +4,15 @@
 
 // `forbid` on each module but splice, the crate's one user of `unsafe` (see lib.rs).
 #[forbid(unsafe_code)]
-pub mod connect;
+pub(crate) mod connect;
 #[forbid(unsafe_code)]
 mod copy;
 #[forbid(unsafe_code)]
 mod ending;
 #[forbid(unsafe_code)]
-pub mod forward;
+pub(crate) mod forward;
 #[forbid(unsafe_code)]
-pub mod listener;
+pub(crate) mod listener;
 #[cfg(target_os = "linux")]
 mod splice;
 #[forbid(unsafe_code)]

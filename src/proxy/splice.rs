@@ -13,12 +13,12 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// Bytes asked of one splice call: the default pipe capacity on Linux.
-pub const CHUNK: usize = 64 * 1024;
+pub(crate) const CHUNK: usize = 64 * 1024;
 
 /// Spare pipes kept per runtime thread. Enough for bursts; more would only pin memory.
 const POOL_PER_THREAD: usize = 32;
 
-pub struct Pipe {
+pub(crate) struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
 }
@@ -40,13 +40,13 @@ impl Pipe {
     /// Move up to `len` bytes from `socket` into the pipe. `Ok(0)` is end of stream.
     /// WouldBlock means the socket has nothing to read only because callers always
     /// drain the pipe before filling it again (a full pipe gives the same EAGAIN).
-    pub fn fill_from(&self, socket: &impl AsRawFd, len: usize) -> io::Result<usize> {
+    pub(crate) fn fill_from(&self, socket: &impl AsRawFd, len: usize) -> io::Result<usize> {
         splice(socket.as_raw_fd(), self.write.as_raw_fd(), len)
     }
 
     /// Move up to `len` bytes from the pipe to `socket`. Callers only call this with
     /// bytes in the pipe, so WouldBlock means the socket's send buffer is full.
-    pub fn drain_to(&self, socket: &impl AsRawFd, len: usize) -> io::Result<usize> {
+    pub(crate) fn drain_to(&self, socket: &impl AsRawFd, len: usize) -> io::Result<usize> {
         splice(self.read.as_raw_fd(), socket.as_raw_fd(), len)
     }
 }
@@ -77,7 +77,7 @@ thread_local! {
 }
 
 /// A pipe from this thread's pool, or a new one.
-pub fn take() -> io::Result<Pipe> {
+pub(crate) fn take() -> io::Result<Pipe> {
     match POOL.with(|pool| pool.borrow_mut().pop()) {
         Some(pipe) => Ok(pipe),
         None => Pipe::new(),
@@ -85,7 +85,7 @@ pub fn take() -> io::Result<Pipe> {
 }
 
 /// Return an empty pipe to this thread's pool (or close it when the pool is full).
-pub fn give_back(pipe: Pipe) {
+pub(crate) fn give_back(pipe: Pipe) {
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
         if pool.len() < POOL_PER_THREAD {

@@ -5,7 +5,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 /// A stream we can forward and, when a peer resets, abort.
-pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
+pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
     fn tcp(&self) -> &TcpStream;
     /// The socket itself when nothing (TLS) sits on top of it: such pairs splice.
     fn plain(&self) -> Option<&TcpStream> {
@@ -45,7 +45,7 @@ impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
 }
 
 /// The accepted client: plain TCP, or TLS when the listener terminates TLS.
-pub enum ClientStream {
+pub(crate) enum ClientStream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
@@ -60,7 +60,7 @@ impl ClientStream {
 }
 
 /// The dialled upstream: plain TCP, or TLS when the listener originates TLS.
-pub enum UpstreamStream {
+pub(crate) enum UpstreamStream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CertError {
+pub(crate) enum CertError {
     #[error("{path}: cannot read: {message}")]
     Read { path: PathBuf, message: String },
     #[error("{path}: no certificate found (expected a PEM block \"BEGIN CERTIFICATE\")")]
@@ -40,7 +40,7 @@ fn read(path: &Path) -> Result<Vec<u8>, CertError> {
 }
 
 /// Every certificate in a PEM file, in order (a chain, or a CA bundle).
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError> {
     let bytes = read(path)?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
@@ -63,7 +63,7 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertError
 }
 
 /// The first private key (PKCS#8, PKCS#1 or SEC1) in a PEM file.
-pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
+pub(crate) fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
     let bytes = read(path)?;
     PrivateKeyDer::from_pem_slice(&bytes).map_err(|error| match error {
         rustls::pki_types::pem::Error::NoItemsFound => CertError::NoKey {
@@ -77,20 +77,20 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError> {
 }
 
 /// notAfter of a certificate, as Unix seconds.
-pub fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+pub(crate) fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
     x509_parser::parse_x509_certificate(cert)
         .ok()
         .map(|(_, parsed)| parsed.validity().not_after.timestamp())
 }
 
 /// The earliest notAfter in a chain or bundle.
-pub fn earliest_expiry(certs: &[CertificateDer<'_>]) -> Option<i64> {
+fn earliest_expiry(certs: &[CertificateDer<'_>]) -> Option<i64> {
     certs.iter().filter_map(not_after).min()
 }
 
 /// Refuse our own certificate when it has already expired: serving it would only fail
 /// every handshake, and the old material (on reload) is better.
-pub fn check_not_expired(path: &Path, certs: &[CertificateDer<'_>]) -> Result<(), CertError> {
+fn check_not_expired(path: &Path, certs: &[CertificateDer<'_>]) -> Result<(), CertError> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -105,7 +105,7 @@ pub fn check_not_expired(path: &Path, certs: &[CertificateDer<'_>]) -> Result<()
 }
 
 /// A CA bundle as a root store, with the bundle's earliest notAfter.
-pub fn load_roots(path: &Path) -> Result<(rustls::RootCertStore, Option<i64>), CertError> {
+pub(crate) fn load_roots(path: &Path) -> Result<(rustls::RootCertStore, Option<i64>), CertError> {
     let cas = load_certs(path)?;
     let expiry = earliest_expiry(&cas);
     let mut roots = rustls::RootCertStore::empty();
@@ -120,7 +120,7 @@ pub fn load_roots(path: &Path) -> Result<(rustls::RootCertStore, Option<i64>), C
 
 /// Our own certificate chain (leaf first), refused when the leaf has expired, with the
 /// leaf's notAfter.
-pub fn load_own_chain(
+pub(crate) fn load_own_chain(
     path: &Path,
 ) -> Result<(Vec<CertificateDer<'static>>, Option<i64>), CertError> {
     let chain = load_certs(path)?;
@@ -130,7 +130,7 @@ pub fn load_own_chain(
 }
 
 /// Map rustls's key-loading errors onto the file names.
-pub fn key_error(cert: &Path, key: &Path, error: rustls::Error) -> CertError {
+pub(crate) fn key_error(cert: &Path, key: &Path, error: rustls::Error) -> CertError {
     match error {
         rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
             CertError::KeyMismatch {
@@ -147,7 +147,7 @@ pub fn key_error(cert: &Path, key: &Path, error: rustls::Error) -> CertError {
 }
 
 /// The subject of a peer's leaf certificate, for logs ("-" when there is none).
-pub fn subject(chain: Option<&[CertificateDer<'_>]>) -> String {
+pub(crate) fn subject(chain: Option<&[CertificateDer<'_>]>) -> String {
     chain
         .and_then(|chain| chain.first())
         .and_then(|leaf| x509_parser::parse_x509_certificate(leaf).ok())

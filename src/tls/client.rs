@@ -14,7 +14,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use std::sync::Arc;
 
-pub fn build(
+pub(crate) fn build(
     config: &TlsClientConfig,
     listener: &str,
 ) -> Result<(ClientConfig, Vec<Expiry>), CertError> {
@@ -61,7 +61,7 @@ pub fn build(
 
 /// The name to send and verify for an endpoint: `sni` when set, else the host name of
 /// the `dns:` target the endpoint came from (`target`, as written), else its IP.
-pub fn server_name(
+pub(crate) fn server_name(
     config: &TlsClientConfig,
     target: Option<&str>,
     ip: std::net::IpAddr,

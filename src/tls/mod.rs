@@ -8,9 +8,9 @@
 //! match, an expired certificate, a half-written PEM) keeps the old material and counts
 //! `legate_reloads_total{source="tls",result="error"}`.
 
-pub mod certs;
-pub mod client;
-pub mod server;
+pub(crate) mod certs;
+pub(crate) mod client;
+pub(crate) mod server;
 
 use crate::config::{ListenerConfig, TlsClientConfig, TlsVersion};
 use crate::metrics::Metrics;
@@ -22,18 +22,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// How long a client gets to finish its handshake on a `tls_server` listener.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The notAfter of one certificate in use, for `legate_tls_cert_expiry_timestamp_seconds`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Expiry {
-    pub role: &'static str,
-    pub not_after: i64,
+pub(crate) struct Expiry {
+    pub(crate) role: &'static str,
+    pub(crate) not_after: i64,
 }
 
 impl Expiry {
     /// The expiry of `role`'s certificates, when they have one.
-    pub fn of(role: &'static str, not_after: Option<i64>) -> Option<Expiry> {
+    pub(crate) fn of(role: &'static str, not_after: Option<i64>) -> Option<Expiry> {
         not_after.map(|not_after| Expiry { role, not_after })
     }
 }
@@ -49,31 +49,31 @@ pub(crate) fn versions(min: TlsVersion) -> &'static [&'static rustls::SupportedP
 }
 
 /// Origination: the connector plus the settings that pick the server name.
-pub struct ClientSide {
-    pub connector: tokio_rustls::TlsConnector,
-    pub config: TlsClientConfig,
+pub(crate) struct ClientSide {
+    pub(crate) connector: tokio_rustls::TlsConnector,
+    pub(crate) config: TlsClientConfig,
 }
 
-pub struct ServerSide {
-    pub acceptor: tokio_rustls::TlsAcceptor,
+pub(crate) struct ServerSide {
+    pub(crate) acceptor: tokio_rustls::TlsAcceptor,
 }
 
 #[derive(Default)]
-pub struct ListenerTls {
-    pub client: ArcSwapOption<ClientSide>,
-    pub server: ArcSwapOption<ServerSide>,
+pub(crate) struct ListenerTls {
+    pub(crate) client: ArcSwapOption<ClientSide>,
+    pub(crate) server: ArcSwapOption<ServerSide>,
 }
 
 impl ListenerTls {
     /// Build the material `config` asks for (none when it has no TLS).
-    pub fn build(config: &ListenerConfig) -> Result<(ListenerTls, Vec<Expiry>), CertError> {
+    pub(crate) fn build(config: &ListenerConfig) -> Result<(ListenerTls, Vec<Expiry>), CertError> {
         let tls = ListenerTls::default();
         let expiries = tls.rebuild(config)?;
         Ok((tls, expiries))
     }
 
     /// Replace the material from `config`; on error nothing changes.
-    pub fn rebuild(&self, config: &ListenerConfig) -> Result<Vec<Expiry>, CertError> {
+    pub(crate) fn rebuild(&self, config: &ListenerConfig) -> Result<Vec<Expiry>, CertError> {
         let mut expiries = Vec::new();
         let client = match &config.tls {
             Some(tls) => {
@@ -104,14 +104,14 @@ impl ListenerTls {
 
 impl ListenerTls {
     /// Take over `other`'s material (a reload built and checked it already).
-    pub fn replace_with(&self, other: ListenerTls) {
+    pub(crate) fn replace_with(&self, other: ListenerTls) {
         self.client.store(other.client.load_full());
         self.server.store(other.server.load_full());
     }
 }
 
 /// Every file a listener's TLS settings read.
-pub fn files(config: &ListenerConfig) -> Vec<PathBuf> {
+pub(crate) fn files(config: &ListenerConfig) -> Vec<PathBuf> {
     let mut files = Vec::new();
     if let Some(tls) = &config.tls {
         files.extend(tls.ca.iter().chain(&tls.cert).chain(&tls.key).cloned());
@@ -124,7 +124,7 @@ pub fn files(config: &ListenerConfig) -> Vec<PathBuf> {
 }
 
 /// `legate_tls_cert_expiry_timestamp_seconds` for each certificate of `listener`.
-pub fn publish_expiries(metrics: &Metrics, listener: &str, expiries: &[Expiry]) {
+pub(crate) fn publish_expiries(metrics: &Metrics, listener: &str, expiries: &[Expiry]) {
     for expiry in expiries {
         metrics
             .tls_cert_expiry
@@ -134,7 +134,7 @@ pub fn publish_expiries(metrics: &Metrics, listener: &str, expiries: &[Expiry]) 
 }
 
 /// A short, stable label for why a handshake failed (never the peer's raw text).
-pub fn failure_reason(error: &io::Error) -> &'static str {
+pub(crate) fn failure_reason(error: &io::Error) -> &'static str {
     if error.kind() == io::ErrorKind::TimedOut {
         return "timeout";
     }

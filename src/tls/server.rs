@@ -8,7 +8,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::ServerConfig;
 use std::sync::Arc;
 
-pub fn build(config: &TlsServerConfig) -> Result<(ServerConfig, Vec<Expiry>), CertError> {
+pub(crate) fn build(config: &TlsServerConfig) -> Result<(ServerConfig, Vec<Expiry>), CertError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(super::versions(config.min_version))

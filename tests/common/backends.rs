@@ -40,6 +40,7 @@ impl Socat {
             name: "socat".into(),
             child,
         };
+        // socat listens within milliseconds; 10 s covers a loaded machine and a slow fork.
         let deadline = Instant::now() + Duration::from_secs(10);
         while !is_listening(port) {
             assert!(proc.is_running(), "socat exited early");
@@ -186,8 +187,8 @@ impl Drop for TcpBackend {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         // Wake the accept loop up so it sees the flag. If that connection cannot be made (a
-        // fault test exhausted the ports), the thread is left behind rather than joined
-        // forever.
+        // fault test exhausted the ports) within 1 s (a loopback connect needs no scheduling
+        // of ours), the thread is left behind rather than joined forever.
         let woken = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1)).is_ok();
         if let Some(thread) = self.thread.take() {
             if woken {

@@ -6,12 +6,21 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+/// A loopback connect completes in the kernel without legate or the backend being scheduled
+/// (unless an accept queue is full), so 5 s is a loaded machine's worst case many times over;
+/// a test that cannot connect fails instead of hanging.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A read or write through legate to a local backend takes milliseconds; 10 s leaves a
+/// 2-core machine under a CPU hog ample room and still ends a stuck test quickly.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Connects to a listener that is expected to turn the client away and reports whether
 /// the client was closed within `timeout`. legate resets a client it cannot serve, and
 /// on loopback that reset can arrive before connect() has returned: then connect()
 /// itself fails with ECONNRESET, which is the same outcome.
 pub fn turned_away(addr: SocketAddr, timeout: Duration) -> bool {
-    match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+    match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
         Ok(mut stream) => closed_within(&mut stream, timeout),
         Err(e) if e.kind() == io::ErrorKind::ConnectionReset => true,
         Err(e) => panic!("connect to {addr}: {e}"),
@@ -20,14 +29,10 @@ pub fn turned_away(addr: SocketAddr, timeout: Duration) -> bool {
 
 /// Connects with a timeout and sets read/write timeouts on the stream.
 pub fn connect(addr: SocketAddr) -> TcpStream {
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+    let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
         .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream
-        .set_write_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
     stream
 }
 
@@ -85,8 +90,8 @@ pub fn closed_within(stream: &mut TcpStream, timeout: Duration) -> bool {
 
 /// Sends a line through a fresh connection and expects it echoed back.
 pub fn echo_roundtrip(addr: SocketAddr, line: &str) -> io::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.write_all(format!("{line}\n").as_bytes())?;
     read_line(&mut stream)
 }
@@ -94,6 +99,9 @@ pub fn echo_roundtrip(addr: SocketAddr, line: &str) -> io::Result<String> {
 /// One client operation against [`TcpBackend::hello`] backends behind `addr`: connect, read
 /// the greeting, close. An empty greeting (the proxy closed the connection) is an error.
 pub fn try_which(addr: SocketAddr) -> Result<String, String> {
+    // Tighter than CONNECT_TIMEOUT / IO_TIMEOUT: callers count failed operations in loops, so
+    // a failing one should cost seconds, not tens; a loopback connect (2 s) and a greeting
+    // through legate (5 s) still take milliseconds on a loaded machine.
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .map_err(|e| format!("connect: {e}"))?;
     stream

@@ -89,6 +89,7 @@ impl Dnsmasq {
             dir,
         };
         let probe = format!("probe.{local_domain}");
+        // dnsmasq answers within milliseconds of its start; 10 s covers a loaded machine.
         let started = Instant::now();
         while !dnsmasq.answers(&probe) {
             if !dnsmasq.proc.is_running() {
@@ -99,7 +100,7 @@ impl Dnsmasq {
                 "dnsmasq did not answer within 10s: {}",
                 dnsmasq.log()
             );
-            thread::sleep(Duration::from_millis(25));
+            thread::sleep(super::process::POLL);
         }
         dnsmasq
     }
@@ -107,6 +108,8 @@ impl Dnsmasq {
     /// True when an A query for `name` gets any answer (NXDOMAIN and REFUSED included).
     fn answers(&self, name: &str) -> bool {
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        // A miss only means "ask again" (the caller polls): 200 ms per try keeps the start-up
+        // loop responsive, and a loopback answer takes well under a millisecond.
         socket
             .set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();

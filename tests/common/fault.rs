@@ -126,7 +126,7 @@ pub struct Expect<'a> {
     pub rss_slack_kib: u64,
     /// Threads allowed above the baseline (tokio's blocking pool lingers 10s).
     pub thread_slack: u64,
-    /// How long resources may take to come back.
+    /// How long resources may take to come back (and `/ready` to answer `ready`).
     pub settle: Duration,
 }
 
@@ -138,6 +138,8 @@ impl Default for Expect<'_> {
             fd_slack: 2,
             rss_slack_kib: 16 * 1024,
             thread_slack: 16,
+            // tokio's blocking-pool threads linger 10 s after their last job, and the thread
+            // count must come back; 5 s more is a loaded machine's slack.
             settle: Duration::from_secs(15),
         }
     }
@@ -158,6 +160,7 @@ impl Probe {
         let before = legate.metrics();
         // Descriptors can still be closing from the warm-up; take the lowest of a few samples.
         let mut baseline = Resources::of(pid);
+        // Five samples 40 ms apart: 200 ms in all, enough for descriptors still closing.
         for _ in 0..5 {
             thread::sleep(Duration::from_millis(40));
             let now = Resources::of(pid);
@@ -208,6 +211,7 @@ impl Probe {
                 fd_targets(self.pid),
                 tail(&legate.log(), 60)
             );
+            // Each look reads several /proc files: every 100 ms is often enough.
             thread::sleep(Duration::from_millis(100));
         }
         eprintln!("fault probe: end {last:?} (baseline {:?})", self.baseline);
@@ -306,6 +310,7 @@ pub fn in_new_netns<T: Send + 'static>(body: impl FnOnce() -> T + Send + 'static
 pub fn sh(command: &str) -> String {
     let mut cmd = Command::new("sh");
     cmd.arg("-c").arg(command);
+    // `ip`, `sysctl` and the like finish in milliseconds; 30 s fails a hung one.
     let output = run_with_timeout(cmd, Duration::from_secs(30));
     assert!(
         output.status.success(),
@@ -340,6 +345,8 @@ pub fn reset(stream: TcpStream) {
 /// Sends `data`, half-closes, reads everything back (a thread writes while this one reads, so
 /// large payloads cannot deadlock on full buffers).
 pub fn roundtrip(addr: SocketAddr, data: &[u8]) -> io::Result<Vec<u8>> {
+    // A loopback connect (5 s: a loaded machine); 30 s per read, since the payloads here
+    // run to tens of MiB and the backend may be a socat fork hashing them.
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut writer = stream.try_clone()?;

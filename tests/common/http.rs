@@ -9,6 +9,10 @@ use std::time::Duration;
 use super::client::read_to_end;
 
 /// One HTTP/1.1 request over a fresh connection (`Connection: close`); returns status and body.
+///
+/// The admin server answers in milliseconds; a loopback connect within 2 s and an answer
+/// within 5 s leave a loaded machine ample room while a poll of `/ready` that fails (legate
+/// busy or gone) returns soon enough to be retried.
 pub fn http(addr: SocketAddr, method: &str, path: &str) -> io::Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;

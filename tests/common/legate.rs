@@ -19,7 +19,7 @@ use tempfile::TempDir;
 
 use super::http::http;
 use super::metrics::Metrics;
-use super::process::{free_port, local, send_signal, wait_child};
+use super::process::{free_port, local, send_signal, wait_child, POLL};
 
 /// The `legate` binary cargo built for these tests.
 pub const LEGATE: &str = env!("CARGO_BIN_EXE_legate");
@@ -155,6 +155,8 @@ impl LegateBuilder {
         legate.listeners = listeners;
         legate.config_path = Some(config_path);
         legate.ready_path = ready_path;
+        // legate answers /live within tens of milliseconds of its start (a debug build on a
+        // loaded machine: about a second); 15 s fails only a legate that never comes up.
         legate.wait_live(Duration::from_secs(15));
         legate
     }
@@ -312,7 +314,7 @@ impl Legate {
                 "legate's /live did not answer 200 within {timeout:?}; log:\n{}",
                 self.log()
             );
-            thread::sleep(Duration::from_millis(25));
+            thread::sleep(POLL);
         }
     }
 
@@ -332,7 +334,7 @@ impl Legate {
                 "GET {path} did not answer {status} within {timeout:?} (last answer: {last:?}); log:\n{}",
                 self.log()
             );
-            thread::sleep(Duration::from_millis(25));
+            thread::sleep(POLL);
         }
     }
 

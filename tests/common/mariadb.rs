@@ -36,6 +36,8 @@ fn install_mariadb_datadir(datadir: &Path) {
             .arg("--auth-root-authentication-method=normal")
             .arg("--user=root")
             .arg("--skip-test-db");
+        // mariadb-install-db takes a few seconds idle and was seen near a minute on a busy
+        // 2-core machine; 120 s fails a hung install without failing a slow one.
         let output = run_with_timeout(install, Duration::from_secs(120));
         if output.status.success() {
             return;
@@ -104,6 +106,8 @@ impl MariaDb {
             }),
         };
         let addr = server.addr();
+        // mariadbd starts in one to a few seconds (InnoDB recovery, buffer pool), far longer
+        // when the machine is loaded: 60 s.
         wait_for(
             Duration::from_secs(60),
             "mariadbd to answer SELECT 1",
@@ -149,5 +153,7 @@ pub fn mariadb_query(addr: SocketAddr, sql: &str) -> Output {
         .arg("--skip-column-names")
         .arg("--execute")
         .arg(sql);
+    // `--connect-timeout=5` bounds the connect; queries are small, but a 64 MiB packet
+    // through legate on a loaded machine may take seconds: 60 s fails only a hung client.
     run_with_timeout(cmd, Duration::from_secs(60))
 }

@@ -41,7 +41,15 @@ pub fn require_bin(name: &str, package: &str) {
     );
 }
 
+/// How often [`wait_for`] and [`eventually`] look again: a wait ends within 25 ms of its
+/// condition, and 40 looks a second cost a loaded machine nothing.
+pub(super) const POLL: Duration = Duration::from_millis(25);
+
 /// Polls `check` until it returns true; panics with `what` after `timeout`.
+///
+/// `timeout` is a bound on a failure, never a speed requirement: each caller says why its
+/// value is the time the awaited thing needs on a 2-core machine running a CPU hog beside
+/// the tests, with slack; a passing wait takes only as long as the condition does.
 pub fn eventually(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
     wait_for(timeout, what, || check().then_some(()))
 }
@@ -57,7 +65,7 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut probe: impl FnMut() -> Opt
             Instant::now() < deadline,
             "timed out after {timeout:?} waiting for: {what}"
         );
-        thread::sleep(Duration::from_millis(25));
+        thread::sleep(POLL);
     }
 }
 
@@ -103,6 +111,7 @@ pub(super) fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitSta
         if Instant::now() >= deadline {
             return None;
         }
+        // Looks again every 20 ms: an exit is noticed at once, at no cost.
         thread::sleep(Duration::from_millis(20));
     }
 }

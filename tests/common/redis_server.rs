@@ -56,6 +56,7 @@ impl RedisServer {
             child,
         });
         let addr = self.addr();
+        // redis-server answers within milliseconds; 15 s covers a loaded machine.
         wait_for(
             Duration::from_secs(15),
             "redis-server to answer PING",
@@ -108,6 +109,8 @@ impl Drop for RedisServer {
 /// A real Redis client connection with timeouts.
 pub fn redis_connect(addr: SocketAddr) -> redis::RedisResult<redis::Connection> {
     let client = redis::Client::open(format!("redis://{addr}/"))?;
+    // A loopback connect, milliseconds (5 s: a loaded machine); replies may wait behind a
+    // paused or slow server or a big transfer through legate, so 30 s per read or write.
     let con = client.get_connection_with_timeout(Duration::from_secs(5))?;
     con.set_read_timeout(Some(Duration::from_secs(30)))?;
     con.set_write_timeout(Some(Duration::from_secs(30)))?;

@@ -151,6 +151,7 @@ impl TlsRedis {
             name: "redis-server --tls-port".into(),
             child,
         };
+        // redis-server listens within milliseconds; 15 s covers a loaded machine.
         wait_listening(port, Duration::from_secs(15), "TLS redis-server");
         TlsRedis { port, proc }
     }
@@ -172,6 +173,8 @@ pub fn redis_cli_tls(
         cmd.arg("--cert").arg(cert).arg("--key").arg(key);
     }
     cmd.arg("PING");
+    // One TLS handshake and a PING, milliseconds; 15 s covers a loaded machine and fails a
+    // hung client instead of hanging the test.
     let output = run_with_timeout(cmd, Duration::from_secs(15));
     let stdout = String::from_utf8_lossy(&output.stdout).to_string();
     (

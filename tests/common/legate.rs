@@ -155,8 +155,8 @@ impl LegateBuilder {
         legate.listeners = listeners;
         legate.config_path = Some(config_path);
         legate.ready_path = ready_path;
-        // legate answers /live within tens of milliseconds of its start (a debug build on a
-        // loaded machine: about a second); 15 s fails only a legate that never comes up.
+        // legate answers /live within tens of milliseconds of its start; 15 s is a debug build
+        // on a loaded machine many times over, and fails only a legate that never comes up.
         legate.wait_live(Duration::from_secs(15));
         legate
     }

@@ -36,8 +36,9 @@ fn install_mariadb_datadir(datadir: &Path) {
             .arg("--auth-root-authentication-method=normal")
             .arg("--user=root")
             .arg("--skip-test-db");
-        // mariadb-install-db takes a few seconds idle and was seen near a minute on a busy
-        // 2-core machine; 120 s fails a hung install without failing a slow one.
+        // mariadb-install-db takes a few seconds on an idle machine and several times that
+        // on a busy 2-core one (installs also take turns here); 120 s fails a hung install
+        // without failing a slow one.
         let output = run_with_timeout(install, Duration::from_secs(120));
         if output.status.success() {
             return;

@@ -22,6 +22,7 @@
 //! - `wait`: `legate wait`.
 //! - `logging`: log setup and rate limits.
 //! - `watch`: watching a file through every way it gets replaced.
+//! - `clock`: the process's monotonic millisecond clock.
 //!
 //! `fuzzing` (hidden) is the fuzz targets' door to the private parsers.
 //
@@ -43,6 +44,8 @@ mod admin;
 mod balance;
 #[forbid(unsafe_code)]
 pub mod cli;
+#[forbid(unsafe_code)]
+mod clock;
 #[forbid(unsafe_code)]
 pub mod config;
 #[forbid(unsafe_code)]

@@ -2,7 +2,7 @@
 //! last read or resolved, the last error) and its endpoints (health, eligibility,
 //! passive ejection, open connections, last check). Never includes secrets.
 
-use crate::discovery::monotonic_ms;
+use crate::clock::monotonic_ms;
 use crate::state::Shared;
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering::Relaxed;

@@ -6,7 +6,8 @@
 //! `legate_endpoints` gauges and the `ready_file` — waking on health or endpoint changes
 //! and at least every 250ms (passive ejections expire by the clock alone).
 
-use crate::discovery::{monotonic_ms, Health};
+use crate::clock::monotonic_ms;
+use crate::discovery::Health;
 use crate::state::Shared;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -26,7 +27,7 @@ pub(crate) fn reasons(shared: &Shared) -> Vec<String> {
             continue;
         }
         let prefix = format!("listener {} ({})", listener.name, config.listen);
-        if !listener.bound.load(Relaxed) {
+        if !listener.bound.load(Relaxed) && !shared.handing_over.load(Relaxed) {
             reasons.push(format!("{prefix}: not bound"));
             continue;
         }

@@ -12,22 +12,15 @@ pub mod endpoint_file;
 pub(crate) mod file;
 pub(crate) mod fixed;
 
+use crate::clock::monotonic_ms;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-
-/// Milliseconds on a monotonic clock that starts near process start; 0 never occurs
-/// after the first call, so 0 can mean "not set".
-pub(crate) fn monotonic_ms() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    let start = START.get_or_init(|| Instant::now() - Duration::from_millis(1));
-    start.elapsed().as_millis() as u64
-}
 
 /// What the active checks last concluded about an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

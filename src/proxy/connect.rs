@@ -12,8 +12,9 @@
 //! this way, and the attempts and `connect_timeout` bound the wait as for any dial.
 
 use super::stream::UpstreamStream;
+use crate::clock::monotonic_ms;
 use crate::config::ListenerConfig;
-use crate::discovery::{monotonic_ms, EndpointSet, EndpointState, Health};
+use crate::discovery::{EndpointSet, EndpointState, Health};
 use crate::state::ListenerState;
 use std::net::SocketAddr;
 use std::sync::Arc;

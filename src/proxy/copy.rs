@@ -8,7 +8,7 @@
 
 use super::ending::{DirectionError, End, Progress, Side, SALVAGE};
 use super::stream::Transport;
-use crate::discovery::monotonic_ms;
+use crate::clock::monotonic_ms;
 use prometheus::IntCounter;
 use std::io;
 use std::pin::Pin;

@@ -15,7 +15,7 @@
 
 use super::ending::{DirectionError, End, Outcome, Progress, Side, SALVAGE};
 use super::stream::{ClientStream, Transport, UpstreamStream};
-use crate::discovery::monotonic_ms;
+use crate::clock::monotonic_ms;
 use crate::metrics::ListenerMetrics;
 use prometheus::IntCounter;
 use socket2::SockRef;

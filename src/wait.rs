@@ -54,7 +54,7 @@ pub fn wait(admin: SocketAddr, timeout: Duration, handover: bool, command: &[Str
         if left.is_zero() {
             eprintln!(
                 "legate wait: http://{admin}/ready was not 200 within {}: {last}",
-                crate::health::show(timeout)
+                crate::config::duration::show(timeout)
             );
             return 1;
         }

@@ -84,6 +84,25 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::new(secs, subsec))
 }
 
+/// A duration the way the user wrote it, for messages and logs (`0s`, `500ms`, `90s`,
+/// `5m`, `2h`): the largest unit that shows it exactly, so what `parse_duration` read
+/// prints back the same. Sub-millisecond parts are dropped, and a duration under 1ms
+/// (never configured, but computed ones exist) is shown in `ns`.
+pub(crate) fn show(duration: Duration) -> String {
+    let millis = duration.as_millis();
+    if millis == 0 && !duration.is_zero() {
+        format!("{}ns", duration.as_nanos())
+    } else if !millis.is_multiple_of(1000) {
+        format!("{millis}ms")
+    } else if millis.is_multiple_of(3_600_000) && millis > 0 {
+        format!("{}h", millis / 3_600_000)
+    } else if millis.is_multiple_of(60_000) && millis > 0 {
+        format!("{}m", millis / 60_000)
+    } else {
+        format!("{}s", millis / 1000)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,5 +255,19 @@ mod tests {
     fn quotes_the_text_in_every_error() {
         assert!(err("5y").starts_with("invalid duration \"5y\": "));
         assert!(err("a\"b").starts_with("invalid duration \"a\\\"b\": "));
+    }
+
+    #[test]
+    fn show_uses_the_largest_exact_unit() {
+        assert_eq!(show(Duration::ZERO), "0s");
+        assert_eq!(show(Duration::from_millis(500)), "500ms");
+        assert_eq!(show(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(show(Duration::from_secs(90)), "90s");
+        assert_eq!(show(Duration::from_secs(300)), "5m");
+        assert_eq!(show(Duration::from_secs(7200)), "2h");
+        assert_eq!(show(Duration::from_nanos(5)), "5ns");
+        for text in ["0s", "250ms", "2s", "90s", "5m", "2h"] {
+            assert_eq!(show(ok(text)), text);
+        }
     }
 }

@@ -11,7 +11,7 @@
 //!
 //! Every error becomes `ConfigError::At` with a 1-based line and column, which is
 //! what `legate check` prints as `FILE:LINE:COL: message`.
-use super::duration::parse_duration;
+use super::duration::{parse_duration, show};
 use super::target::{parse_host_port, validate_dns_name, HostPort, Target};
 use super::{
     AdminConfig, Balance, CheckKind, Config, ConfigError, DnsConfig, Handoff, HealthConfig,
@@ -902,22 +902,6 @@ fn at_least_one<T: Copy + PartialEq + From<u8>>(
         return Err(source.error(value.span(), format!("{key} must be at least 1, not 0")));
     }
     Ok(number)
-}
-
-/// A duration the way the user wrote it, for messages (`0s`, `500ms`, `5m`).
-fn show(duration: Duration) -> String {
-    let millis = duration.as_millis();
-    if millis == 0 && !duration.is_zero() {
-        format!("{}ns", duration.as_nanos())
-    } else if !millis.is_multiple_of(1000) {
-        format!("{millis}ms")
-    } else if millis.is_multiple_of(3_600_000) && millis > 0 {
-        format!("{}h", millis / 3_600_000)
-    } else if millis.is_multiple_of(60_000) && millis > 0 {
-        format!("{}m", millis / 60_000)
-    } else {
-        format!("{}s", millis / 1000)
-    }
 }
 
 #[cfg(test)]
@@ -1853,17 +1837,6 @@ mod tests {
                 .starts_with("/etc/legate.toml:5:11: unknown balance"),
             "{error}"
         );
-    }
-
-    #[test]
-    fn show_durations() {
-        assert_eq!(show(Duration::ZERO), "0s");
-        assert_eq!(show(Duration::from_millis(500)), "500ms");
-        assert_eq!(show(Duration::from_millis(1500)), "1500ms");
-        assert_eq!(show(secs(90)), "90s");
-        assert_eq!(show(secs(300)), "5m");
-        assert_eq!(show(secs(7200)), "2h");
-        assert_eq!(show(Duration::from_nanos(5)), "5ns");
     }
 
     /// Every prefix of a rich file, and a few thousand single-byte mutations of it,

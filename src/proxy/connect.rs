@@ -13,6 +13,7 @@
 
 use super::stream::UpstreamStream;
 use crate::clock::monotonic_ms;
+use crate::config::duration::show;
 use crate::config::ListenerConfig;
 use crate::discovery::{EndpointSet, EndpointState, Health};
 use crate::state::ListenerState;
@@ -213,10 +214,7 @@ pub(crate) async fn connect(
             Ok(Err(failed)) => failed,
             Err(_) => (
                 "timeout",
-                format!(
-                    "timed out after {}",
-                    crate::health::show(config.connect_timeout)
-                ),
+                format!("timed out after {}", show(config.connect_timeout)),
             ),
         };
         let ejected = endpoint.state.connect_failed(monotonic_ms());
@@ -228,7 +226,7 @@ pub(crate) async fn connect(
                 endpoint = %endpoint.addr,
                 %error,
                 reason,
-                ejected_for = %crate::health::show(ejected),
+                ejected_for = %show(ejected),
                 suppressed,
                 "upstream connect failed"
             );

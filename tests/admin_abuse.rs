@@ -14,6 +14,10 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
 
+/// The bound on every wait here. The admin server answers in milliseconds and gives a
+/// request whose headers have not arrived 2 s (`HEADER_READ_TIMEOUT` in src/admin/server.rs),
+/// so half-open connections clear within 2 s; 15 s is that plus a loaded 2-core machine's
+/// slack, and ends a hung read instead of hanging the test.
 const T: Duration = Duration::from_secs(15);
 
 fn start() -> (TcpBackend, Legate) {
@@ -119,6 +123,8 @@ fn two_hundred_half_open_connections() {
     let (_backend, mut legate) = start();
     let held: Vec<TcpStream> = (0..200)
         .filter_map(|i| {
+            // A loopback connect needs no scheduling of legate's; 5 s is a loaded machine's
+            // worst case, and a connect that fails is simply not held.
             let mut stream =
                 TcpStream::connect_timeout(&legate.admin, Duration::from_secs(5)).ok()?;
             if i % 2 == 0 {

@@ -15,6 +15,11 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+/// The bound on every wait here: SIGTERM, the listener closing, `/ready` turning 503 and the
+/// exit after the last connection take milliseconds, the drain in
+/// `an_expired_drain_timeout_...` 1 s; 15 s adds a loaded machine's slack. The drains that
+/// must be cut short (`10m`, `60s` with the held connection dropped) are far longer than T,
+/// so an exit within T shows they were.
 const T: Duration = Duration::from_secs(15);
 
 fn start(backend: &TcpBackend, shutdown_delay: &str, drain_timeout: &str) -> Legate {
@@ -39,6 +44,7 @@ fn assert_echo(stream: &mut TcpStream, line: &str) {
 }
 
 fn refused(addr: SocketAddr) -> bool {
+    // A closed loopback port refuses at once; 1 s only bounds a connect that would hang.
     TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err()
 }
 

@@ -15,6 +15,11 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+/// The bound on every wait here: legate is ready once one endpoint passes its first check
+/// (run at once), and each other endpoint's first check follows within milliseconds (200 ms
+/// intervals with `fast_health`); 15 s is a loaded 2-core machine's slack.
+const T: Duration = Duration::from_secs(15);
+
 /// Opens a connection and reads the backend's identifying line.
 fn which_backend(addr: SocketAddr) -> String {
     let mut stream = connect(addr);
@@ -49,7 +54,7 @@ fn dead_and_live(health: Option<&str>) {
         listener = listener.set("health", health);
     }
     let mut legate = Legate::builder().listener(listener).start();
-    legate.wait_ready(Duration::from_secs(15));
+    legate.wait_ready(T);
     let counts = tally(legate.addr("svc"), 100);
     assert_eq!(counts.get("live"), Some(&100), "got {counts:?}");
 }
@@ -76,18 +81,14 @@ fn round_robin_spreads_over_three_backends() {
         listener = listener.upstream(backend.addr());
     }
     let mut legate = Legate::builder().listener(listener).start();
-    legate.wait_ready(Duration::from_secs(15));
+    legate.wait_ready(T);
     // Every endpoint must have passed its first check before it gets traffic.
-    eventually(
-        Duration::from_secs(15),
-        "all three endpoints healthy",
-        || {
-            legate.metrics().get(
-                "legate_endpoints",
-                &[("listener", "svc"), ("state", "healthy")],
-            ) == Some(3.0)
-        },
-    );
+    eventually(T, "all three endpoints healthy", || {
+        legate.metrics().get(
+            "legate_endpoints",
+            &[("listener", "svc"), ("state", "healthy")],
+        ) == Some(3.0)
+    });
     let counts = tally(legate.addr("svc"), 30);
     assert_eq!(counts.values().sum::<usize>(), 30);
     for id in ["b1", "b2", "b3"] {
@@ -113,17 +114,13 @@ fn first_sends_everything_to_the_first_live_endpoint() {
                 .fast_health(),
         )
         .start();
-    legate.wait_ready(Duration::from_secs(15));
-    eventually(
-        Duration::from_secs(15),
-        "both live endpoints healthy",
-        || {
-            legate.metrics().get(
-                "legate_endpoints",
-                &[("listener", "svc"), ("state", "healthy")],
-            ) == Some(2.0)
-        },
-    );
+    legate.wait_ready(T);
+    eventually(T, "both live endpoints healthy", || {
+        legate.metrics().get(
+            "legate_endpoints",
+            &[("listener", "svc"), ("state", "healthy")],
+        ) == Some(2.0)
+    });
     let counts = tally(legate.addr("svc"), 20);
     assert_eq!(counts.get("b1"), Some(&20), "got {counts:?}");
 
@@ -139,9 +136,9 @@ fn start_balanced(balance: &str, backends: &[&TcpBackend]) -> Legate {
         listener = listener.upstream(backend.addr());
     }
     let mut legate = Legate::builder().listener(listener).start();
-    legate.wait_ready(Duration::from_secs(15));
+    legate.wait_ready(T);
     let n = backends.len() as f64;
-    eventually(Duration::from_secs(15), "every endpoint healthy", || {
+    eventually(T, "every endpoint healthy", || {
         legate.metrics().get(
             "legate_endpoints",
             &[("listener", "svc"), ("state", "healthy")],

@@ -17,10 +17,19 @@ use std::net::Shutdown;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// The bound on every wait here: start-up, one check of a live backend and a FIN or RST
+/// crossing legate take milliseconds; 10 s is a loaded 2-core machine's slack.
+const T: Duration = Duration::from_secs(10);
+
+/// The in-test backends' read timeout: longer than T, so a backend never gives up before the
+/// test has failed on its own bound.
+const BACKEND_READ: Duration = Duration::from_secs(20);
+
 fn legate_to(backend: std::net::SocketAddr) -> Legate {
     let mut legate = Legate::builder()
         .listener(Listener::new("half").upstream(backend))
         .start();
+    // Ready after one check of a live backend: milliseconds (15 s: a loaded machine's slack).
     legate.wait_ready(Duration::from_secs(15));
     legate
 }
@@ -67,9 +76,7 @@ fn upstream_half_close_leaves_the_client_able_to_send() {
     let backend = {
         let received = received.clone();
         TcpBackend::start(move |mut stream| {
-            stream
-                .set_read_timeout(Some(Duration::from_secs(20)))
-                .unwrap();
+            stream.set_read_timeout(Some(BACKEND_READ)).unwrap();
             if stream.write_all(b"hello, then FIN\n").is_err() {
                 return;
             }
@@ -95,7 +102,7 @@ fn upstream_half_close_leaves_the_client_able_to_send() {
         .expect("write after upstream FIN");
     stream.shutdown(Shutdown::Write).unwrap();
     eventually(
-        Duration::from_secs(10),
+        T,
         "the backend to receive the client's data and FIN",
         || received.snapshot().iter().any(|d| !d.is_empty()),
     );
@@ -141,9 +148,7 @@ fn a_client_reset_reaches_the_backend_as_a_reset() {
     let backend = {
         let outcomes = outcomes.clone();
         TcpBackend::start(move |mut stream| {
-            stream
-                .set_read_timeout(Some(Duration::from_secs(20)))
-                .unwrap();
+            stream.set_read_timeout(Some(BACKEND_READ)).unwrap();
             if read_line(&mut stream).ok().as_deref() != Some("hello") {
                 return;
             }
@@ -161,11 +166,9 @@ fn a_client_reset_reaches_the_backend_as_a_reset() {
     stream.write_all(b"hello\n").unwrap();
     assert_eq!(read_line(&mut stream).unwrap(), "hi");
     reset(stream);
-    eventually(
-        Duration::from_secs(10),
-        "the backend to see the connection end",
-        || !outcomes.lock().unwrap().is_empty(),
-    );
+    eventually(T, "the backend to see the connection end", || {
+        !outcomes.lock().unwrap().is_empty()
+    });
     let outcome = outcomes.lock().unwrap()[0];
     assert_eq!(
         outcome,

@@ -12,6 +12,8 @@ use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// The bound on every wait here: the `idle_timeout`s are 1–2 s, so a quiet connection is
+/// closed within 2 s of its last byte; 15 s adds a loaded 2-core machine's slack.
 const T: Duration = Duration::from_secs(15);
 
 fn start(backend: &TcpBackend, idle_timeout: Option<&str>) -> Legate {
@@ -72,7 +74,8 @@ fn backend_traffic_alone_keeps_the_connection_alive() {
             thread::sleep(Duration::from_millis(200));
         }
         let _ = stream.write_all(b"done\n");
-        // Then silence, with the connection left open.
+        // Then silence, with the connection left open: 30 s, longer than T, so the close the
+        // test waits for is legate's idle_timeout, never this handler ending.
         thread::sleep(Duration::from_secs(30));
     });
     let legate = start(&backend, Some("2s"));
@@ -94,6 +97,8 @@ fn without_idle_timeout_a_quiet_connection_stays_open() {
     let legate = start(&backend, None);
     let mut stream = connect(legate.addr("idle"));
     echo(&mut stream, "hello");
+    // 3 s of silence is longer than any idle_timeout this file sets (1–2 s): a default
+    // timeout of that order would close the connection here.
     assert!(
         !closed_within(&mut stream, Duration::from_secs(3)),
         "no idle_timeout configured: the connection must stay open"

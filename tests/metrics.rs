@@ -17,6 +17,9 @@ use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::time::Duration;
 
+/// The bound on every wait here: metrics move within milliseconds of the connection or
+/// reload that moves them, a health verdict within 200 ms checks; 15 s adds a loaded 2-core
+/// machine's slack.
 const T: Duration = Duration::from_secs(15);
 
 #[test]
@@ -73,6 +76,8 @@ fn every_documented_metric_is_present_with_its_labels() {
             .iter()
             .any(|s| s.name.starts_with("process_"));
         if !ok {
+            // 200 scrapes 50 ms apart: up to 10 s for the first health round and the reload
+            // to show, which take well under a second.
             std::thread::sleep(Duration::from_millis(50));
         }
         ok
@@ -201,6 +206,7 @@ fn max_connections_rejects_the_excess_at_once() {
     assert_eq!(read_line(&mut first).unwrap(), "first");
 
     // The second is accepted and closed at once (or refused): never left waiting.
+    // (5 s: a loopback connect's bound on a loaded machine; refused is fine too.)
     if let Ok(mut second) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
         let _ = second.write_all(b"second\n");
         assert!(

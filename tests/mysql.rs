@@ -28,6 +28,8 @@ fn queries_and_a_multi_megabyte_result_through_legate() {
             r#"{ check = "mysql", interval = "500ms", timeout = "1s" }"#,
         ))
         .start();
+    // Ready after the first `mysql` check (every 500 ms, 1 s timeout) of a running MariaDB:
+    // about a second; 20 s is a loaded machine's slack.
     legate.wait_ready(Duration::from_secs(20));
     let via = legate.addr("mysql");
 

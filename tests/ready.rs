@@ -15,6 +15,9 @@ mod common;
 use common::*;
 use std::time::Duration;
 
+/// The bound on every wait here: `/ready` and the `ready_file` follow a 200 ms health check
+/// (unhealthy after 2 failures, so within about a second); 15 s adds a loaded 2-core
+/// machine's slack.
 const T: Duration = Duration::from_secs(15);
 
 #[test]

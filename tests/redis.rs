@@ -15,6 +15,8 @@ fn start(health: Option<&str>) -> (RedisServer, Legate) {
         listener = listener.set("health", health);
     }
     let mut legate = Legate::builder().listener(listener).start();
+    // Ready after the first check of a running redis-server: milliseconds; 15 s is a loaded
+    // machine's slack.
     legate.wait_ready(Duration::from_secs(15));
     (redis, legate)
 }

@@ -20,6 +20,15 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
+/// The bound on waiting for legate: start-up, the first health verdicts (checked at once),
+/// a SIGTERM drain with nothing open take milliseconds; 15 s is a loaded 2-core machine's
+/// slack.
+const T: Duration = Duration::from_secs(15);
+
+/// The bound on a refused reload showing in the log and on `legate check`: milliseconds of
+/// work, no start-up or health check to wait for; 10 s is a loaded machine's slack.
+const RELOAD: Duration = Duration::from_secs(10);
+
 const PASSWORD: &str = "CANARY-redis-password-4f1d7a";
 const WRONG_PASSWORD: &str = "CANARY-wrong-password-9b2c1e";
 const WRONG_PASSWORD_FILE: &str = "CANARY-password-file-7e3a90";
@@ -152,7 +161,9 @@ fn replace(path: &Path, text: &str) {
     std::fs::rename(&staging, path).unwrap();
 }
 
-/// Sends `request` and reads what comes back until the peer closes (or 2s pass).
+/// Sends `request` and reads what comes back until the peer closes (or 2s pass: every
+/// exchange here ends with a close from the server or legate within milliseconds, and the
+/// answers' content is checked, not their time).
 fn exchange(port: u16, request: &[u8]) -> Vec<u8> {
     let mut stream = TcpStream::connect(local(port)).unwrap();
     stream
@@ -197,30 +208,26 @@ fn canary_secrets_appear_in_no_output() {
         &["run", "-c", &config_arg, "--log-level", "trace"],
         local(ports.admin),
     );
-    legate.wait_live(Duration::from_secs(15));
+    legate.wait_live(T);
 
     // The right password makes its listener's endpoint healthy; the wrong ones fail.
-    wait_for(
-        Duration::from_secs(15),
-        "health verdicts in /endpoints",
-        || {
-            let (_, body) = legate.get("/endpoints");
-            let json: serde_json::Value = serde_json::from_str(&body).ok()?;
-            let listeners = json["listeners"].as_array()?;
-            let health = |name: &str| {
-                listeners
-                    .iter()
-                    .find(|l| l["name"] == name)
-                    .and_then(|l| l["endpoints"][0]["health"].as_str().map(str::to_owned))
-            };
-            let verdicts = (
-                health("redis")?,
-                health("wrong-password")?,
-                health("wrong-password-file")?,
-            );
-            (verdicts == ("healthy".into(), "unhealthy".into(), "unhealthy".into())).then_some(())
-        },
-    );
+    wait_for(T, "health verdicts in /endpoints", || {
+        let (_, body) = legate.get("/endpoints");
+        let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let listeners = json["listeners"].as_array()?;
+        let health = |name: &str| {
+            listeners
+                .iter()
+                .find(|l| l["name"] == name)
+                .and_then(|l| l["endpoints"][0]["health"].as_str().map(str::to_owned))
+        };
+        let verdicts = (
+            health("redis")?,
+            health("wrong-password")?,
+            health("wrong-password-file")?,
+        );
+        (verdicts == ("healthy".into(), "unhealthy".into(), "unhealthy".into())).then_some(())
+    });
 
     // Traffic: an AUTH with the password through the proxy, a TLS origination to a
     // plaintext server (fails), garbage on the TLS termination port.
@@ -247,7 +254,7 @@ fn canary_secrets_appear_in_no_output() {
         replace(&config_path, &text);
         legate.signal(libc::SIGHUP);
         eventually(
-            Duration::from_secs(10),
+            RELOAD,
             &format!("the {broken:?} reload to be refused"),
             || legate.log().matches("configuration refused").count() > refused_before,
         );
@@ -255,7 +262,7 @@ fn canary_secrets_appear_in_no_output() {
         std::fs::write(&check_path, &text).unwrap();
         let mut check = legate_command();
         check.arg("check").arg("-c").arg(&check_path);
-        let output = run_with_timeout(check, Duration::from_secs(10));
+        let output = run_with_timeout(check, RELOAD);
         // `legate check` validates the file but does not load TLS material.
         if broken != "key" {
             assert!(!output.status.success(), "legate check accepted {broken:?}");
@@ -281,7 +288,7 @@ fn canary_secrets_appear_in_no_output() {
         "the wrong passwords' failures should show in /endpoints: {endpoints}"
     );
     legate.signal(libc::SIGTERM);
-    legate.wait_exit(Duration::from_secs(15));
+    legate.wait_exit(T);
     let log = legate.log();
     assert!(
         log.contains("TRACE") || log.contains("trace"),

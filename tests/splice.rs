@@ -15,6 +15,9 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::Duration;
 
+/// The bound on every wait here: 16 MiB through an echo backend and the metric after it take
+/// well under a second, but strace attaching to every thread of legate and tracing 1 MiB of
+/// splices slows everything by an order of magnitude; 30 s covers that on a loaded machine.
 const T: Duration = Duration::from_secs(30);
 const MIB: usize = 1024 * 1024;
 

@@ -12,6 +12,9 @@ use std::fs::File;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+/// How long the app may take to finish once legate is spawned. The app's `legate wait`
+/// gives up after its own `--timeout 20s`; legate turns ready within a second of its start,
+/// so 20 s is a loaded 2-core machine's slack either way.
 const T: Duration = Duration::from_secs(20);
 
 #[test]
@@ -38,7 +41,8 @@ fn an_app_behind_legate_wait_starts_after_ready_and_its_first_connection_works()
         name: "legate wait -- app".into(),
         child,
     };
-    // legate is not running yet: the app waits.
+    // legate is not running yet: the app waits. 500 ms is five of `wait`'s 100 ms polls, so
+    // an app run early would show.
     let until = Instant::now() + Duration::from_millis(500);
     while Instant::now() < until {
         assert!(app.is_running(), "legate wait gave up or ran the app early");

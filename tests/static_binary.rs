@@ -13,6 +13,9 @@ use common::*;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+/// The bound on every wait here: start-up, `/ready` after one check of a running
+/// redis-server, a PING and the drain take milliseconds; 15 s is a loaded 2-core machine's
+/// slack.
 const T: Duration = Duration::from_secs(15);
 
 /// The binary under test and whether it is the static build.

@@ -17,6 +17,9 @@ use std::path::Path;
 use std::process::ExitStatus;
 use std::time::Duration;
 
+/// The bound on every wait here: `/ready`, signals reaching the child, its marker files and
+/// legate's exit take milliseconds (the child's scripts are a few shell lines); 15 s is a
+/// loaded 2-core machine's slack.
 const T: Duration = Duration::from_secs(15);
 
 /// A legate with one listener "redis" in front of `redis`, supervising `sh -c script`.
@@ -130,7 +133,8 @@ fn the_command_starts_only_once_ready_and_its_first_request_succeeds() {
     let endpoints = dir_probe.path().join("redis.endpoints");
     let mut app = supervise(&format!("file:{}", endpoints.display()), script);
     app.legate.wait_live(T);
-    // Not ready, and nothing started: give it a few readiness rounds to misbehave.
+    // Not ready, and nothing started: give it a few readiness rounds to misbehave (10 × 50 ms,
+    // half a second: legate's readiness watcher wakes at least every 250 ms).
     for _ in 0..10 {
         assert_eq!(app.legate.get("/ready").0, 503);
         std::thread::sleep(Duration::from_millis(50));

@@ -140,6 +140,14 @@ impl DnsResolver {
         }
     }
 
+    /// What `query` finds now.
+    async fn resolve(&self, query: &Query) -> Result<Answer, LookupError> {
+        match query {
+            Query::Host { host, port } => self.resolve_host(host, *port).await,
+            Query::Srv(name) => self.resolve_srv(name).await,
+        }
+    }
+
     /// A/AAAA addresses of `host`, each with `port`, sorted, and how long they are valid.
     async fn resolve_host(&self, host: &str, port: u16) -> Result<Answer, LookupError> {
         let (ips, ttl) = lookup_ip(&self.resolver, host).await?;
@@ -230,6 +238,15 @@ fn name_servers(servers: &[SocketAddr]) -> ResolverConfig {
         })
         .collect();
     ResolverConfig::from_parts(None, Vec::new(), name_servers)
+}
+
+/// What a target looks up.
+#[derive(Debug)]
+enum Query {
+    /// A and AAAA records of `host`, each address with `port` (`dns:HOST:PORT`, `HOST:PORT`).
+    Host { host: String, port: u16 },
+    /// SRV records of a name, each target's addresses with the record's port (`srv:NAME`).
+    Srv(String),
 }
 
 /// A successful lookup: the endpoints and how long the answer is valid (unclamped).
@@ -682,18 +699,8 @@ pub(crate) async fn run(
     port: u16,
     token: CancellationToken,
 ) {
-    let mut refresh = Refresh::new(&resolver, listener, shared, target);
-    loop {
-        let outcome = tokio::select! {
-            _ = token.cancelled() => return,
-            outcome = resolver.resolve_host(&host, port) => outcome,
-        };
-        let wait = refresh.apply(&resolver, outcome);
-        tokio::select! {
-            _ = token.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
-        }
-    }
+    let refresh = Refresh::new(&resolver, listener, shared, target);
+    keep_resolved(resolver, Query::Host { host, port }, refresh, token).await;
 }
 
 /// Keep `target` (an SRV name) resolved into `listener`'s endpoints until cancelled.
@@ -705,11 +712,22 @@ pub(crate) async fn run_srv(
     name: String,
     token: CancellationToken,
 ) {
-    let mut refresh = Refresh::new(&resolver, listener, shared, target);
+    let refresh = Refresh::new(&resolver, listener, shared, target);
+    keep_resolved(resolver, Query::Srv(name), refresh, token).await;
+}
+
+/// The one loop behind every DNS target: look up, apply the outcome, wait as long as it
+/// says, until cancelled.
+async fn keep_resolved(
+    resolver: Arc<DnsResolver>,
+    query: Query,
+    mut refresh: Refresh,
+    token: CancellationToken,
+) {
     loop {
         let outcome = tokio::select! {
             _ = token.cancelled() => return,
-            outcome = resolver.resolve_srv(&name) => outcome,
+            outcome = resolver.resolve(&query) => outcome,
         };
         let wait = refresh.apply(&resolver, outcome);
         tokio::select! {

@@ -25,10 +25,15 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+/// The bound on waits other than a reload itself: start-up, 200 ms health checks, the log and
+/// `/endpoints` after a reload take milliseconds; 15 s is a loaded 2-core machine's slack.
 const T: Duration = Duration::from_secs(15);
 /// The contract: a config file change applies within two seconds.
 const CONFIG_LIMIT: Duration = Duration::from_secs(2);
-/// How long a test waits for a reload before failing (a slow one is measured, not just failed).
+/// How long a test waits for a reload before failing (a slow one is measured, not just failed):
+/// a reload is the watcher's debounce (50 ms, at most 500 ms) plus milliseconds of work, and
+/// 5 s, beyond CONFIG_LIMIT, lets a slow reload reach the CONFIG_LIMIT check with its delay
+/// printed rather than end as a timeout.
 const RELOAD_DEADLINE: Duration = Duration::from_secs(5);
 
 // ---------------------------------------------------------------------------------------------
@@ -280,6 +285,7 @@ fn a_rewritten_config_adds_removes_and_changes_listeners_keeping_open_connection
     eventually(
         RELOAD_DEADLINE,
         "the removed listener's port to refuse",
+        // A closed loopback port refuses at once; 1 s only bounds a connect that would hang.
         || TcpStream::connect_timeout(&gone, Duration::from_secs(1)).is_err(),
     );
     // Changed in place: new connections go to B.
@@ -428,6 +434,8 @@ fn sighup_reloads_the_configuration() {
     });
 
     // A bare SIGHUP (same bytes, so the watcher has nothing to do) still re-reads the file.
+    // First 1.5 s (three times the watcher's 500 ms longest debounce), so whatever the write
+    // above still had pending has landed before the count is taken: only the SIGHUP moves it.
     thread::sleep(Duration::from_millis(1500));
     let ok = reloads(&legate, "ok");
     legate.signal(libc::SIGHUP);
@@ -447,6 +455,7 @@ fn renaming_a_listener_hands_its_address_over() {
     let mut open = open_to(addr, "A");
 
     let clients = ClientLoop::start(addr, 2, "A");
+    // Let the clients run a while (hundreds of operations) before the rename, and after it.
     thread::sleep(Duration::from_millis(300));
     let ok = reloads(&legate, "ok");
     write_config(
@@ -459,6 +468,7 @@ fn renaming_a_listener_hands_its_address_over() {
     eventually(T, "/endpoints to list only new-name", || {
         listener_names(&legate) == ["new-name"]
     });
+    // The clients keep going half a second past the rename: a gap would show as a failure.
     thread::sleep(Duration::from_millis(500));
     let (ops, failures) = clients.finish();
     println!(
@@ -487,13 +497,15 @@ fn a_sighup_storm_coalesces_and_fails_no_client() {
     let before = reloads(&legate, "ok") + reloads(&legate, "error");
 
     let clients = ClientLoop::start(svc, 4, "A");
+    // The clients are under way before the storm starts.
     thread::sleep(Duration::from_millis(200));
     let storm = Instant::now();
     for _ in 0..200 {
         legate.signal(libc::SIGHUP);
     }
     let storm_took = storm.elapsed();
-    // Wait until the reload count has settled (unchanged for half a second).
+    // Wait until the reload count has settled (unchanged for half a second: a reload takes
+    // milliseconds, so half a second without one means the storm's last has run), within T.
     let mut last = -1.0;
     let mut stable_since = Instant::now();
     let deadline = Instant::now() + T;
@@ -506,7 +518,7 @@ fn a_sighup_storm_coalesces_and_fails_no_client() {
             break;
         }
         assert!(Instant::now() < deadline, "reloads never settled");
-        thread::sleep(Duration::from_millis(50));
+        thread::sleep(Duration::from_millis(50)); // ten looks per half second
     }
     let (ops, failures) = clients.finish();
     let counted = last - before;
@@ -536,6 +548,7 @@ fn a_sighup_storm_coalesces_and_fails_no_client() {
         thread::sleep(Duration::from_millis(1));
     }
     let storm_took = storm.elapsed();
+    // The clients keep going while the storm's last reloads run (milliseconds each).
     thread::sleep(Duration::from_millis(500));
     let (ops, failures) = clients.finish();
     let counted = reloads(&legate, "ok") + reloads(&legate, "error") - before;

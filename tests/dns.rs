@@ -26,6 +26,15 @@ use std::thread;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
+/// The bound on legate's first answer (a lookup, then a 200 ms health check) and on a
+/// failover to a second endpoint that is already checked: milliseconds of work; 10 s is a
+/// loaded 2-core machine's slack.
+const FIRST: Duration = Duration::from_secs(10);
+
+/// The bound on a health verdict for endpoints just found: their first check runs at once,
+/// 200 ms apart after that; 5 s is a loaded machine's slack.
+const HEALTHY: Duration = Duration::from_secs(5);
+
 /// A backend on `ip` that writes `NAME\n` on accept.
 fn backend(ip: std::net::Ipv4Addr, port: u16, name: &str) -> TcpBackend {
     TcpBackend::hello_on(&format!("{ip}:{port}"), name)
@@ -54,6 +63,9 @@ fn srv_dnsmasq(port: u16, targets: [(&str, u16); 2]) -> Dnsmasq {
 
 /// Connects through legate and returns the backend's name, or `None` if the connection
 /// was refused or closed without a name (no endpoint eligible).
+///
+/// Callers poll it, so a miss only means "look again": a loopback connect (1 s) and a greeting
+/// through legate (2 s) take milliseconds, and short bounds keep a failing poll cheap.
 fn who(addr: SocketAddr) -> Option<String> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
     stream
@@ -122,6 +134,8 @@ health = {{ check = "tcp", interval = "200ms", timeout = "200ms" }}
             listen,
             dir,
         };
+        // /live answers within milliseconds of the start; 15 s is a debug build on a loaded
+        // machine many times over (as common's LegateBuilder).
         let started = Instant::now();
         while !matches!(http(admin, "GET", "/live"), Ok((200, _))) {
             if let Ok(Some(status)) = legate.proc.child.try_wait() {
@@ -132,7 +146,7 @@ health = {{ check = "tcp", interval = "200ms", timeout = "200ms" }}
                 "legate /live not 200 within 15s: {}",
                 legate.log()
             );
-            thread::sleep(Duration::from_millis(25));
+            thread::sleep(Duration::from_millis(25)); // poll interval, as common's wait_for
         }
         legate
     }
@@ -147,7 +161,8 @@ health = {{ check = "tcp", interval = "200ms", timeout = "200ms" }}
 
     /// `legate_reloads_total{source="dns",result=RESULT}`, 0 when absent.
     fn dns_reloads(&self, result: &str) -> f64 {
-        // A busy machine may delay one scrape; each failed try is printed.
+        // A busy machine may delay one scrape; each failed try is printed. A scrape takes
+        // milliseconds; 10 s of retries is a loaded machine's slack.
         let body = wait_for(Duration::from_secs(10), "GET /metrics", || {
             match http(self.admin, "GET", "/metrics") {
                 Ok((200, body)) => Some(body),
@@ -212,13 +227,16 @@ fn a_record_change_moves_new_connections() {
     let _b = backend(BACKEND_B, port, "B");
     let dns = dnsmasq("127.0.0.2 redis.test.local\n", &[]);
     let legate = Legate::start(&dns, &format!("dns:redis.test.local:{port}"));
-    legate.wait_backend("A", Duration::from_secs(10));
+    legate.wait_backend("A", FIRST);
     for _ in 0..5 {
         assert_eq!(who(legate.listen).as_deref(), Some("A"));
     }
 
     dns.set_hosts("127.0.0.3 redis.test.local\n");
     // TTL 1s (min_ttl 1s) + 1s, plus slack for the first health check and a loaded machine.
+    // Kept below max_ttl (5 s) on purpose: the bound is what shows legate followed the
+    // record's 1 s TTL rather than refreshing only at max_ttl. The refresh is timer-driven,
+    // so a CPU hog delays it by scheduling latency (milliseconds), not by seconds.
     let delay = legate.wait_backend("B", Duration::from_secs(4));
     eprintln!("DNS change followed after {delay:?}");
     for _ in 0..5 {
@@ -233,12 +251,13 @@ fn dead_dns_server_keeps_the_last_answer_and_counts_errors() {
     let _a = backend(BACKEND_A, port, "A");
     let mut dns = dnsmasq("127.0.0.2 redis.test.local\n", &[]);
     let legate = Legate::start(&dns, &format!("dns:redis.test.local:{port}"));
-    legate.wait_backend("A", Duration::from_secs(10));
+    legate.wait_backend("A", FIRST);
     let errors_before = legate.dns_reloads("error");
 
     dns.proc.child.kill().unwrap();
     dns.proc.child.wait().unwrap();
     // With nothing listening the queries go unanswered: a lookup ends at its 5s bound.
+    // 10 s: the next refresh (1 s TTL) plus that 5 s bound, plus a loaded machine's slack.
     let errors = wait_for(Duration::from_secs(10), "a DNS error counted", || {
         let errors = legate.dns_reloads("error");
         (errors > errors_before).then_some(errors)
@@ -257,7 +276,8 @@ fn dead_dns_server_keeps_the_last_answer_and_counts_errors() {
         endpoints.contains("DNS lookup failed"),
         "/endpoints should show the lookup error: {endpoints}"
     );
-    // Retries go on (each lookup bounded at 5s) and each is counted.
+    // Retries go on (each lookup bounded at 5s) and each is counted. 12 s: the back-off
+    // before the next lookup (at most max_ttl, 5 s), its 5 s bound, and 2 s of slack.
     wait_for(Duration::from_secs(12), "another DNS error counted", || {
         (legate.dns_reloads("error") > errors).then_some(())
     });
@@ -270,11 +290,12 @@ fn stopped_dns_server_times_out_keeps_the_answer_and_recovers() {
     let _b = backend(BACKEND_B, port, "B");
     let dns = dnsmasq("127.0.0.2 redis.test.local\n", &[]);
     let legate = Legate::start(&dns, &format!("dns:redis.test.local:{port}"));
-    legate.wait_backend("A", Duration::from_secs(10));
+    legate.wait_backend("A", FIRST);
     let errors_before = legate.dns_reloads("error");
 
     dns.proc.signal(libc::SIGSTOP);
-    // A lookup is bounded: 2s per query, 2 sends, 5s in all.
+    // A lookup is bounded: 2s per query, 2 sends, 5s in all. The next refresh is due within
+    // the 1 s TTL, so the first timeout is counted within about 6 s; 12 s is twice that.
     wait_for(Duration::from_secs(12), "a DNS timeout counted", || {
         (legate.dns_reloads("error") > errors_before).then_some(())
     });
@@ -286,7 +307,8 @@ fn stopped_dns_server_times_out_keeps_the_answer_and_recovers() {
     // Rewrite while stopped (and SIGHUP); dnsmasq rereads once it runs again.
     dns.set_hosts("127.0.0.3 redis.test.local\n");
     dns.proc.signal(libc::SIGCONT);
-    // The pending lookup may still be timing out (≤5s), then the back-off (≤ max_ttl 5s).
+    // The pending lookup may still be timing out (≤5s), then the back-off (≤ max_ttl 5s);
+    // 15 s adds 5 s of slack for a loaded machine.
     legate.wait_backend("B", Duration::from_secs(15));
 }
 
@@ -298,6 +320,7 @@ fn nxdomain_at_start_is_not_fatal_and_ready_follows_the_name() {
     let target = format!("dns:redis.test.local:{port}");
     let legate = Legate::start(&dns, &target);
 
+    // The first lookup answers NXDOMAIN within milliseconds; 5 s is a loaded machine's slack.
     let (status, body) = wait_for(Duration::from_secs(5), "/ready naming the target", || {
         let (status, body) = legate.ready();
         body.contains(&target).then_some((status, body))
@@ -311,7 +334,7 @@ fn nxdomain_at_start_is_not_fatal_and_ready_follows_the_name() {
     assert!(legate.dns_reloads("error") >= 1.0);
 
     dns.set_hosts("127.0.0.9 other.test.local\n127.0.0.2 redis.test.local\n");
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(FIRST);
     assert_eq!(who(legate.listen).as_deref(), Some("A"));
 }
 
@@ -322,9 +345,9 @@ fn srv_same_priority_targets_share_traffic() {
     let _b = backend(BACKEND_B, port, "B");
     let dns = srv_dnsmasq(port, [("host1.test.local", 0), ("host2.test.local", 0)]);
     let legate = Legate::start(&dns, "srv:_redis._tcp.test.local");
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(FIRST);
     // Both endpoints must be healthy before the split is fair.
-    legate.wait_healthy(2, Duration::from_secs(5));
+    legate.wait_healthy(2, HEALTHY);
     let (mut a, mut b) = (0, 0);
     for _ in 0..20 {
         match who(legate.listen).as_deref() {
@@ -343,13 +366,13 @@ fn srv_lower_priority_number_wins_and_the_other_is_failover() {
     let _b = backend(BACKEND_B, port, "B");
     let dns = srv_dnsmasq(port, [("host2.test.local", 20), ("host1.test.local", 10)]);
     let legate = Legate::start(&dns, "srv:_redis._tcp.test.local");
-    legate.wait_backend("A", Duration::from_secs(10));
+    legate.wait_backend("A", FIRST);
     // Give the backup time to turn healthy too: it still must get nothing.
-    legate.wait_healthy(2, Duration::from_secs(5));
+    legate.wait_healthy(2, HEALTHY);
     for _ in 0..20 {
         assert_eq!(who(legate.listen).as_deref(), Some("A"));
     }
 
     drop(a);
-    legate.wait_backend("B", Duration::from_secs(10));
+    legate.wait_backend("B", FIRST);
 }

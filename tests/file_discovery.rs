@@ -31,12 +31,18 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tempfile::TempDir;
 
+/// The bound on waits other than a file change itself: start-up, 200 ms health checks and
+/// `/endpoints` take milliseconds; 15 s is a loaded 2-core machine's slack.
 const T: Duration = Duration::from_secs(15);
 /// The contract: a change reaches new connections within one second.
 const SWAP_LIMIT: Duration = Duration::from_secs(1);
 /// How long a test polls for a change before giving up (so a slow change is measured, not
-/// just failed).
+/// just failed): three times SWAP_LIMIT, while a change is the watcher's debounce (50 ms, at
+/// most 500 ms), a read and, for a new endpoint, its first check (run at once).
 const SWAP_DEADLINE: Duration = Duration::from_secs(3);
+/// The bound on a change that is not measured against SWAP_LIMIT (an error counted, `/ready`
+/// following a file that empties or fills): the same work as a swap, so SWAP_DEADLINE's 3 s.
+const CHANGE: Duration = SWAP_DEADLINE;
 
 // ---------------------------------------------------------------------------------------------
 // Endpoint files, updated the ways real systems update them
@@ -200,6 +206,7 @@ fn first_on(
         if since.elapsed() > SWAP_DEADLINE {
             return None;
         }
+        // Every 5 ms: the delay is measured to within 5 ms.
         thread::sleep(Duration::from_millis(5));
     }
 }
@@ -264,7 +271,7 @@ fn assert_stays_on(addr: SocketAddr, id: &str, duration: Duration, context: &str
     let until = Instant::now() + duration;
     while Instant::now() < until {
         assert_eq!(try_which(addr).as_deref(), Ok(id), "{context}");
-        thread::sleep(Duration::from_millis(50));
+        thread::sleep(Duration::from_millis(50)); // twenty connections a second
     }
 }
 
@@ -388,7 +395,8 @@ fn a_deleted_file_keeps_the_last_set_and_its_recreation_applies() {
     let (mut file, legate, listen) = serve_file(Method::InPlace, a.addr());
 
     file.remove();
-    // Longer than the debounce and a health-check round: nothing may change.
+    // Longer than the debounce and a health-check round: nothing may change. (1.2 s: past the
+    // watcher's 500 ms longest debounce and several 200 ms checks.)
     assert_stays_on(
         listen,
         "A",
@@ -430,6 +438,8 @@ fn a_file_missing_at_start_is_no_startup_error() {
 
     file.write(line(a.addr()));
     let written = Instant::now();
+    // The directory is watched: the event, the watcher's debounce (at most 500 ms), a read
+    // and the first check take well under a second; 5 s is a loaded machine's slack.
     legate.wait_ready(Duration::from_secs(5));
     println!("file appeared -> /ready 200 after {:?}", written.elapsed());
     assert_all_reach(listen, "A", 5, "once the file exists");
@@ -451,6 +461,8 @@ fn a_configmap_missing_at_start_is_followed_once_mounted() {
     std::os::unix::fs::symlink(file.data_name(1), file.dir.path().join("..data")).unwrap();
     file.generation = 1;
     std::os::unix::fs::symlink("..data/endpoints", file.path()).unwrap();
+    // The directory is watched: the event, the watcher's debounce (at most 500 ms), a read
+    // and the first check take well under a second; 5 s is a loaded machine's slack.
     legate.wait_ready(Duration::from_secs(5));
     assert_all_reach(listen, "A", 5, "once the ConfigMap is mounted");
 }
@@ -492,7 +504,7 @@ fn a_malformed_file_keeps_the_old_set_and_counts_an_error() {
         let before = file_error_count(&legate);
         file.write(&content);
         eventually(
-            Duration::from_secs(3),
+            CHANGE,
             &format!("{what}: legate_reloads_total{{source=\"file\",result=\"error\"}} to rise"),
             || file_error_count(&legate) > before,
         );
@@ -519,6 +531,7 @@ fn a_zero_byte_file_is_ignored() {
     let errors = file_error_count(&legate);
 
     file.write(b"");
+    // 1.2 s: past the watcher's 500 ms longest debounce and several 200 ms health checks.
     assert_stays_on(
         listen,
         "A",
@@ -547,7 +560,7 @@ fn a_comment_only_file_empties_the_set_on_purpose() {
     let rejected_before = rejected(&legate);
 
     file.write("# drained on purpose\n\n   # nothing here\n");
-    legate.wait_not_ready(Duration::from_secs(3));
+    legate.wait_not_ready(CHANGE);
     let (_, body) = legate.get("/ready");
     assert!(
         body.contains("svc"),
@@ -559,7 +572,7 @@ fn a_comment_only_file_empties_the_set_on_purpose() {
         "with an empty set a connection must be rejected, got {result:?}"
     );
     eventually(
-        Duration::from_secs(3),
+        CHANGE,
         "no_endpoint rejection counted",
         || rejected(&legate) > rejected_before,
     );
@@ -570,7 +583,7 @@ fn a_comment_only_file_empties_the_set_on_purpose() {
     );
 
     file.write(line(a.addr()));
-    legate.wait_ready(Duration::from_secs(3));
+    legate.wait_ready(CHANGE);
     assert_all_reach(listen, "A", 3, "after the set is filled again");
 }
 
@@ -651,7 +664,8 @@ fn a_backup_gets_traffic_only_while_the_primary_is_down() {
         "the backup to take over once the primary is down",
     );
     println!("primary down -> backup after {:?}", down.elapsed());
-    // Once the primary's death has been noticed, every connection goes to the backup.
+    // Once the primary's death has been noticed, every connection goes to the backup. 600 ms:
+    // three 200 ms checks, so its second failure (unhealthy_after 2) has been counted too.
     thread::sleep(Duration::from_millis(600));
     assert_all_reach(listen, "B", 20, "with the primary down");
 }
@@ -713,6 +727,7 @@ fn a_hundred_swaps_under_load_fail_no_client_operation() {
         )
     };
     let applied_before = file_ok(&legate);
+    // The clients are under way (hundreds of operations) before the first swap.
     thread::sleep(Duration::from_millis(300));
     let mut last = ["A", "A"];
     let mut last_write = [Instant::now(); 2];
@@ -760,7 +775,7 @@ fn a_hundred_swaps_under_load_fail_no_client_operation() {
         settle.push(delay);
     }
     println!("SWAP-DELAY under load (last write -> five connections in a row on it): {settle:?}");
-    // Keep the load on a little longer.
+    // Keep the load on a little longer (half a second: a watcher's longest debounce).
     thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::SeqCst);
     for client in clients {
@@ -890,6 +905,7 @@ fn endpoints_shows_the_file_source_and_its_update_time() {
     );
 
     // A change moves `updated` forward and the new endpoint carries the file as its source.
+    // (20 ms first, so the new `updated` differs from the old at millisecond resolution.)
     thread::sleep(Duration::from_millis(20));
     file.write(line(b.addr()));
     let (listener, source) = wait_for(T, "/endpoints to show B from the file", || {

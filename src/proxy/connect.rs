@@ -17,6 +17,7 @@ use crate::config::duration::show;
 use crate::config::ListenerConfig;
 use crate::discovery::{EndpointSet, EndpointState, Health};
 use crate::state::ListenerState;
+use crate::tls::handshake::{self, Failed};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -112,19 +113,10 @@ async fn dial(
         return Ok(UpstreamStream::Plain(stream));
     };
     let name = crate::tls::client::server_name(&tls.config, target, addr.ip());
-    let started = Instant::now();
     // Boxed: a handshake's state must not size every plaintext connection's task.
-    match Box::pin(tls.connector.connect(name, stream)).await {
-        Ok(stream) => {
-            listener
-                .metrics
-                .tls_handshake_upstream
-                .observe(started.elapsed().as_secs_f64());
-            Ok(UpstreamStream::Tls(Box::new(stream)))
-        }
-        Err(error) => {
-            let reason = crate::tls::failure_reason(&error);
-            listener.metrics.tls_handshake_failed("upstream", reason);
+    match Box::pin(handshake::connect(&tls, name, stream, &listener.metrics)).await {
+        Ok(stream) => Ok(UpstreamStream::Tls(Box::new(stream))),
+        Err(Failed { reason, error }) => {
             Err(("tls", format!("TLS handshake failed ({reason}): {error}")))
         }
     }

@@ -14,6 +14,7 @@ use crate::clock::monotonic_ms;
 use crate::discovery::{EndpointState, Health};
 use crate::metrics::RejectReason;
 use crate::state::ListenerState;
+use crate::tls::handshake::{self, AcceptError, Failed};
 use socket2::SockRef;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -136,22 +137,14 @@ async fn handle(
     let client = match listener.tls.server.load_full() {
         None => ClientStream::Plain(client),
         Some(server) => {
-            let started = std::time::Instant::now();
             // Boxed: a handshake's state must not size every plaintext connection's task.
-            let handshake = Box::pin(tokio::time::timeout(
-                crate::tls::HANDSHAKE_TIMEOUT,
-                server.acceptor.accept(client),
-            ));
+            let handshake = Box::pin(handshake::accept(&server, client, &listener.metrics));
             let result = tokio::select! {
                 result = handshake => result,
                 _ = connections.cancelled() => return,
             };
             match result {
-                Ok(Ok(stream)) => {
-                    listener
-                        .metrics
-                        .tls_handshake_client
-                        .observe(started.elapsed().as_secs_f64());
+                Ok(stream) => {
                     let (_, session) = stream.get_ref();
                     tracing::debug!(
                         listener = %listener.name, %peer,
@@ -161,14 +154,11 @@ async fn handle(
                     );
                     ClientStream::Tls(Box::new(stream))
                 }
-                Ok(Err(error)) => {
-                    let reason = crate::tls::failure_reason(&error);
-                    listener.metrics.tls_handshake_failed("client", reason);
+                Err(AcceptError::Failed(Failed { reason, error })) => {
                     tracing::debug!(listener = %listener.name, %peer, reason, %error, "TLS handshake from client failed");
                     return;
                 }
-                Err(_) => {
-                    listener.metrics.tls_handshake_failed("client", "timeout");
+                Err(AcceptError::TimedOut) => {
                     tracing::debug!(listener = %listener.name, %peer, "TLS handshake from client timed out");
                     return;
                 }

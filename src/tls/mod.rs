@@ -1,6 +1,6 @@
 //! TLS with rustls: origination toward upstreams (`client`), termination from clients
-//! (`server`), PEM loading and expiry (`certs`), and reload of both when their files
-//! change.
+//! (`server`), PEM loading and expiry (`certs`), the handshakes of a proxied connection
+//! with their metrics (`handshake`), and reload of both sides when their files change.
 //!
 //! Each listener's material sits behind `ArcSwapOption`s: a handshake `load`s the
 //! current connector or acceptor once, so a reload affects new handshakes only and
@@ -10,6 +10,7 @@
 
 pub(crate) mod certs;
 pub(crate) mod client;
+pub(crate) mod handshake;
 pub(crate) mod server;
 
 use crate::config::{ListenerConfig, TlsClientConfig, TlsVersion};
@@ -22,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// How long a client gets to finish its handshake on a `tls_server` listener.
-pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The notAfter of one certificate in use, for `legate_tls_cert_expiry_timestamp_seconds`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

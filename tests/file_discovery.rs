@@ -571,11 +571,9 @@ fn a_comment_only_file_empties_the_set_on_purpose() {
         result.is_err(),
         "with an empty set a connection must be rejected, got {result:?}"
     );
-    eventually(
-        CHANGE,
-        "no_endpoint rejection counted",
-        || rejected(&legate) > rejected_before,
-    );
+    eventually(CHANGE, "no_endpoint rejection counted", || {
+        rejected(&legate) > rejected_before
+    });
     assert_eq!(
         file_error_count(&legate),
         errors,

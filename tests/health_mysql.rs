@@ -18,6 +18,14 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+/// legate is ready after the first `mysql` check of a running MariaDB (a greeting, or a
+/// login): milliseconds; 10 s is a loaded 2-core machine's slack.
+const READY: Duration = Duration::from_secs(10);
+
+/// The bound on an unhealthy verdict: checks run every 200 ms with a 200-500 ms timeout and
+/// two failures make it (`unhealthy_after` 2), about a second; 5 s is a loaded machine's slack.
+const VERDICT: Duration = Duration::from_secs(5);
+
 /// Accepts connections, holds them open and never writes a byte.
 struct Silent {
     addr: SocketAddr,
@@ -37,6 +45,7 @@ impl Silent {
             while !stopping.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, _)) => held.push(stream),
+                    // Non-blocking, so `stop` is seen: look for a connection every 10 ms.
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
             }
@@ -121,7 +130,7 @@ fn mysql_check_passes_for_mariadb_and_fails_for_redis_and_a_silent_port() {
                 .set("required", "false"),
         )
         .start();
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(READY);
 
     let db_endpoint = endpoint(&legate, "db");
     assert_eq!(db_endpoint["health"], "healthy", "{db_endpoint}");
@@ -132,11 +141,9 @@ fn mysql_check_passes_for_mariadb_and_fails_for_redis_and_a_silent_port() {
     );
 
     for name in ["redis", "silent"] {
-        eventually(
-            Duration::from_secs(5),
-            &format!("{name} marked unhealthy"),
-            || endpoint(&legate, name)["health"] == "unhealthy",
-        );
+        eventually(VERDICT, &format!("{name} marked unhealthy"), || {
+            endpoint(&legate, name)["health"] == "unhealthy"
+        });
         let shown = endpoint(&legate, name);
         assert!(
             shown["last_error"]
@@ -170,8 +177,8 @@ fn mysql_check_passes_for_mariadb_and_fails_for_redis_and_a_silent_port() {
     );
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "42");
 
-    // Let a few more checks run, then see what the server counted (documented in
-    // src/health/mysql.rs) and that it still serves.
+    // Let a few more checks run (1 s: five at 200 ms), then see what the server counted
+    // (documented in src/health/mysql.rs) and that it still serves.
     std::thread::sleep(Duration::from_secs(1));
     let after = status(db.addr(), "Aborted_connect");
     let aborted = counter(&after, "Aborted_connects") - counter(&before, "Aborted_connects");
@@ -207,7 +214,7 @@ fn mysql_check_with_user_logs_in_and_leaves_without_an_abort() {
                 .set("health", health),
         )
         .start();
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(READY);
     let shown = endpoint(&legate, "db");
     assert_eq!(shown["health"], "healthy", "{shown}");
     assert!(
@@ -216,6 +223,8 @@ fn mysql_check_with_user_logs_in_and_leaves_without_an_abort() {
             .is_some_and(|d| d.starts_with("version: ") && d.contains("MariaDB")),
         "{shown}"
     );
+    // 1.5 s: seven checks at 200 ms, enough for the count below and for a failing login to
+    // have turned the endpoint unhealthy.
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(endpoint(&legate, "db")["health"], "healthy");
     // Read while legate runs: killing it could cut a check mid-login.
@@ -249,8 +258,8 @@ fn mysql_check_with_user_logs_in_and_leaves_without_an_abort() {
                 .set("required", "false"),
         )
         .start();
-    legate.wait_ready(Duration::from_secs(10));
-    eventually(Duration::from_secs(5), "db marked unhealthy", || {
+    legate.wait_ready(READY);
+    eventually(VERDICT, "db marked unhealthy", || {
         endpoint(&legate, "db")["health"] == "unhealthy"
     });
     let shown = endpoint(&legate, "db");

@@ -15,8 +15,18 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+/// legate is ready after the first check of a running redis-server: milliseconds; 10 s is a
+/// loaded 2-core machine's slack.
+const READY: Duration = Duration::from_secs(10);
+
+/// The bound on a health verdict or on traffic following one: checks here run every 200 ms
+/// (timeout 200 ms) and a state changes after at most two results (`unhealthy_after` 2), well
+/// under a second; 5 s is a loaded machine's slack.
+const VERDICT: Duration = Duration::from_secs(5);
+
 /// The client settings used before and after a switch: short timeouts, a new connection each
-/// time, as a pooled client reconnecting would.
+/// time, as a pooled client reconnecting would. (2 s each: the server answers in
+/// milliseconds, and the switch loop below retries a failed write rather than wait long.)
 fn client(addr: SocketAddr) -> redis::RedisResult<redis::Connection> {
     let client = redis::Client::open(format!("redis://{addr}/"))?;
     let con = client.get_connection_with_timeout(Duration::from_secs(2))?;
@@ -92,18 +102,14 @@ fn redis_primary_follows_a_role_switch_and_closes_old_connections() {
                 ),
         )
         .start();
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(READY);
     let through = legate.addr("redis");
 
     // The replica is "healthy but not eligible": unhealthy in the metric, its role shown.
-    eventually(
-        Duration::from_secs(5),
-        "replica shown with its role",
-        || {
-            let replica = endpoint(&legate, replica.addr());
-            replica["health"] == "unhealthy" && replica["detail"] == "role: slave"
-        },
-    );
+    eventually(VERDICT, "replica shown with its role", || {
+        let replica = endpoint(&legate, replica.addr());
+        replica["health"] == "unhealthy" && replica["detail"] == "role: slave"
+    });
     let shown = endpoint(&legate, replica.addr());
     assert!(
         shown["last_error"]
@@ -135,6 +141,8 @@ fn redis_primary_follows_a_role_switch_and_closes_old_connections() {
     replicaof(&replica, None);
     replicaof(&primary, Some(replica.addr()));
     let switched = Instant::now();
+    // What this test promises (see the module doc): one check interval and one check timeout
+    // to notice the new roles, plus 1 s for the client's reconnects and a loaded machine.
     let budget = interval + timeout + Duration::from_secs(1);
 
     let mut attempts = 0;
@@ -156,7 +164,7 @@ fn redis_primary_follows_a_role_switch_and_closes_old_connections() {
             "no successful write through legate within {budget:?} of the switch \
              ({attempts} attempts, last error: {last_error})"
         );
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(10)); // the first success, timed within 10 ms
     };
     println!(
         "redis-primary switch: first successful write through legate {} ms after the role switch \
@@ -171,6 +179,8 @@ fn redis_primary_follows_a_role_switch_and_closes_old_connections() {
     );
 
     // close_on_unhealthy: the connection opened before the switch is closed.
+    // Within the same budget as the write (the unhealthy verdict closes it), plus 100 ms for
+    // the close to travel.
     let left = budget.saturating_sub(switched.elapsed()) + Duration::from_millis(100);
     assert!(
         closed_within(&mut open, left),
@@ -178,7 +188,8 @@ fn redis_primary_follows_a_role_switch_and_closes_old_connections() {
         switched.elapsed()
     );
 
-    // /endpoints follows the new roles.
+    // /endpoints follows the new roles: the old primary's next 200 ms check at the latest,
+    // since the new primary already took writes; 2 s is a loaded machine's slack.
     eventually(
         Duration::from_secs(2),
         "roles swapped in /endpoints",
@@ -205,14 +216,14 @@ fn redis_check_avoids_a_paused_backend_and_readmits_it() {
                 ),
         )
         .start();
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(READY);
     let through = legate.addr("redis");
-    eventually(Duration::from_secs(5), "both backends healthy", || {
+    eventually(VERDICT, "both backends healthy", || {
         endpoint_count(&legate, "healthy") == 2.0
     });
 
     second.pause();
-    eventually(Duration::from_secs(5), "paused backend unhealthy", || {
+    eventually(VERDICT, "paused backend unhealthy", || {
         endpoint(&legate, second.addr())["health"] == "unhealthy"
     });
     let shown = endpoint(&legate, second.addr());
@@ -234,12 +245,10 @@ fn redis_check_avoids_a_paused_backend_and_readmits_it() {
     }
 
     second.resume();
-    eventually(Duration::from_secs(5), "resumed backend healthy", || {
+    eventually(VERDICT, "resumed backend healthy", || {
         endpoint_count(&legate, "healthy") == 2.0
     });
-    eventually(
-        Duration::from_secs(5),
-        "traffic reaches the resumed backend",
-        || served_by(through).ok() == Some(second.port),
-    );
+    eventually(VERDICT, "traffic reaches the resumed backend", || {
+        served_by(through).ok() == Some(second.port)
+    });
 }

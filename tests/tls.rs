@@ -28,7 +28,18 @@ use std::time::Duration;
 const CURRENT: (i64, i64) = (-365, 365);
 const EXPIRED: (i64, i64) = (-3 * 365, -365);
 
-/// Send a RESP command through a plaintext connection; the reply's first line.
+/// legate is ready after the first check of a running server (a TCP or TLS connect, a
+/// PING): milliseconds; 10 s is a loaded 2-core machine's slack.
+const READY: Duration = Duration::from_secs(10);
+
+/// The bound on TLS material reloading (the watcher's debounce, 50 ms and at most 500 ms, and
+/// a parse) and on a failed handshake reaching the recording backend: well under a second;
+/// 5 s is a loaded machine's slack.
+const RELOAD: Duration = Duration::from_secs(5);
+
+/// Send a RESP command through a plaintext connection; the reply's first line. (5 s to
+/// connect over loopback and 5 s for a reply that takes milliseconds: a loaded machine's
+/// slack, and a bounded wait where no reply comes.)
 fn resp(addr: SocketAddr, command: &str) -> std::io::Result<String> {
     let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -109,7 +120,7 @@ fn origination_to_a_tls_redis_carries_plaintext_resp() {
                 ),
         )
         .start();
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(READY);
     assert_eq!(resp(legate.addr("checked"), "PING\r\n").unwrap(), "+PONG");
     let addr = legate.addr("redis");
     assert_eq!(resp(addr, "PING\r\n").unwrap(), "+PONG");
@@ -164,6 +175,8 @@ fn recording_backend() -> (u16, Arc<Mutex<Vec<Vec<u8>>>>) {
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { return };
+            // legate's ClientHello follows its connect at once; 2 s bounds a read that would
+            // otherwise hold this thread.
             let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
             let mut buf = [0u8; 16];
             let n = stream.read(&mut buf).unwrap_or(0);
@@ -246,11 +259,9 @@ fn bad_upstream_certificates_fail_are_counted_and_nothing_goes_in_plaintext() {
     }
     // The recording backend never answers the handshake; what it got must be TLS.
     let _ = resp(legate.addr("recording"), "PING secret-in-plaintext\r\n");
-    eventually(
-        Duration::from_secs(5),
-        "the backend to see a connection",
-        || !seen.lock().unwrap().is_empty(),
-    );
+    eventually(RELOAD, "the backend to see a connection", || {
+        !seen.lock().unwrap().is_empty()
+    });
     for first in seen.lock().unwrap().iter() {
         assert_eq!(
             first.first(),
@@ -272,6 +283,7 @@ fn served_subject(addr: SocketAddr) -> Option<String> {
             ));
             cmd
         },
+        // One handshake, milliseconds; 10 s is a loaded machine's slack.
         Duration::from_secs(10),
     );
     let text = String::from_utf8_lossy(&output.stdout).to_string();
@@ -297,7 +309,7 @@ fn termination_in_front_of_plaintext_redis_with_and_without_client_ca() {
         .listener(terminating("plain_app", redis.addr(), &server))
         .listener(terminating("mtls_app", redis.addr(), &server_mtls))
         .start();
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(READY);
     let (ok, out) = redis_cli_tls(legate.addr("plain_app"), ca_path, None);
     assert!(ok, "redis-cli --tls through legate: {out}");
     let (ok, out) = redis_cli_tls(legate.addr("mtls_app"), ca_path, None);
@@ -344,21 +356,17 @@ fn server_certificate_is_reloaded_in_place_and_by_configmap_swap() {
     // ConfigMap-style swap: new directory ..v2, ..data re-pointed atomically, ..v1 removed.
     let (cert, key) = leaf("two");
     volume.swap(&cert, &key);
-    eventually(
-        Duration::from_secs(5),
-        "the swapped certificate to be served",
-        || served_subject(addr).is_some_and(|s| s.contains("two")),
-    );
+    eventually(RELOAD, "the swapped certificate to be served", || {
+        served_subject(addr).is_some_and(|s| s.contains("two"))
+    });
 
     // In place: both files rewritten inside the current version directory.
     let (cert, key) = leaf("three");
     write(&volume.current(), "tls.key", &key);
     write(&volume.current(), "tls.crt", &cert);
-    eventually(
-        Duration::from_secs(5),
-        "the rewritten certificate to be served",
-        || served_subject(addr).is_some_and(|s| s.contains("three")),
-    );
+    eventually(RELOAD, "the rewritten certificate to be served", || {
+        served_subject(addr).is_some_and(|s| s.contains("three"))
+    });
 
     // A broken replacement keeps the last good certificate and counts an error.
     write(
@@ -366,16 +374,12 @@ fn server_certificate_is_reloaded_in_place_and_by_configmap_swap() {
         "tls.crt",
         "-----BEGIN CERTIFICATE-----\nnot base64\n",
     );
-    eventually(
-        Duration::from_secs(5),
-        "the broken reload to be counted",
-        || {
-            legate.metrics().value(
-                "legate_reloads_total",
-                &[("source", "tls"), ("result", "error")],
-            ) >= 1.0
-        },
-    );
+    eventually(RELOAD, "the broken reload to be counted", || {
+        legate.metrics().value(
+            "legate_reloads_total",
+            &[("source", "tls"), ("result", "error")],
+        ) >= 1.0
+    });
     let subject = served_subject(addr).expect("still serving");
     assert!(subject.contains("three"), "{subject}");
     assert!(
@@ -394,9 +398,11 @@ fn garbage_and_plaintext_on_a_tls_listener_are_closed_and_counted() {
     let mut legate = Legate::builder()
         .listener(terminating("app", redis.addr(), &server))
         .start();
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(READY);
     let addr = legate.addr("app");
     // Plaintext RESP on the TLS port.
+    // Both are refused at once (not a TLS record); 6 s is the worst case, HANDSHAKE_TIMEOUT
+    // (5 s, src/tls/mod.rs), plus a second of slack.
     let mut plain = connect(addr);
     plain.write_all(b"PING\r\n").unwrap();
     assert!(closed_within(&mut plain, Duration::from_secs(6)));
@@ -435,6 +441,8 @@ fn start_fails_with(tls_server: &str) -> String {
     )
     .unwrap();
     cmd.arg(&config);
+    // legate refuses broken material before it serves anything: milliseconds; 10 s is a
+    // loaded machine's slack.
     let output = run_with_timeout(cmd, Duration::from_secs(10));
     assert_eq!(output.status.code(), Some(1), "legate must refuse to start");
     String::from_utf8_lossy(&output.stderr).to_string()

@@ -8,6 +8,9 @@
 //! applies only real changes. The notify callback only forwards a wake-up into a
 //! one-slot channel, which coalesces bursts. A periodic re-read backs the watcher up
 //! where events are lost (and covers a directory that does not exist yet).
+//!
+//! The reader's side: `LastContents` says whether a re-read found anything new, and
+//! `LastProblem` lets a problem that persists across re-reads be logged once.
 
 use notify::event::{AccessKind, AccessMode, EventKind};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
@@ -178,4 +181,101 @@ pub(crate) fn read_capped(path: &Path, cap: usize) -> std::io::Result<Option<Vec
     let mut buffer = Vec::new();
     file.take(cap as u64 + 1).read_to_end(&mut buffer)?;
     Ok((buffer.len() <= cap).then_some(buffer))
+}
+
+/// What a watched file held when it was last acted on (applied, or refused), so a re-read
+/// that finds the same contents does nothing: a wake-up only says "look again". `T` is
+/// one file's bytes, or the bytes of several files read together.
+#[derive(Debug)]
+pub(crate) struct LastContents<T> {
+    last: Option<T>,
+}
+
+impl<T: PartialEq> LastContents<T> {
+    /// Start from `initial`, the contents already in use (`None`: nothing yet).
+    // TODO(lifecycle owner): drop this once lifecycle/mod.rs and tls_reload.rs use it.
+    #[cfg_attr(not(test), expect(dead_code, reason = "the lifecycle adopts it next"))]
+    pub(crate) fn new(initial: Option<T>) -> LastContents<T> {
+        LastContents { last: initial }
+    }
+
+    /// `now` is what was last acted on.
+    pub(crate) fn is(&self, now: &T) -> bool {
+        self.last.as_ref() == Some(now)
+    }
+
+    /// Remember `now` as acted on; `None` forgets, so whatever is read next is new.
+    pub(crate) fn set(&mut self, now: Option<T>) {
+        self.last = now;
+    }
+
+    /// Remember `now` when it differs from what was last acted on; true when it did.
+    // TODO(lifecycle owner): drop this once lifecycle/mod.rs and tls_reload.rs use it.
+    #[cfg_attr(not(test), expect(dead_code, reason = "the lifecycle adopts it next"))]
+    pub(crate) fn changed(&mut self, now: T) -> bool {
+        if self.is(&now) {
+            return false;
+        }
+        self.last = Some(now);
+        true
+    }
+}
+
+impl<T> Default for LastContents<T> {
+    fn default() -> Self {
+        LastContents { last: None }
+    }
+}
+
+/// The problem last reported about a file, so one that persists across re-reads is logged
+/// once, while a different one, or the same one after a good read, is logged again.
+#[derive(Debug, Default)]
+pub(crate) struct LastProblem {
+    last: Option<String>,
+}
+
+impl LastProblem {
+    /// Note `message`; true when it is not the problem last noted, so it should be logged.
+    pub(crate) fn is_new(&mut self, message: &str) -> bool {
+        if self.last.as_deref() == Some(message) {
+            return false;
+        }
+        self.last = Some(message.to_string());
+        true
+    }
+
+    /// The file was good: the next problem is new whatever it says.
+    pub(crate) fn clear(&mut self) {
+        self.last = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contents_change_only_when_the_bytes_do() {
+        let mut contents = LastContents::new(Some(b"a".to_vec()));
+        assert!(contents.is(&b"a".to_vec()));
+        assert!(!contents.changed(b"a".to_vec()));
+        assert!(contents.changed(b"b".to_vec()));
+        assert!(!contents.changed(b"b".to_vec()));
+        contents.set(None);
+        assert!(
+            contents.changed(b"b".to_vec()),
+            "forgotten: the same bytes are new"
+        );
+        assert!(LastContents::default().changed(Vec::<u8>::new()));
+    }
+
+    #[test]
+    fn a_problem_is_new_once_until_it_changes_or_clears() {
+        let mut problem = LastProblem::default();
+        assert!(problem.is_new("x: bad line 3"));
+        assert!(!problem.is_new("x: bad line 3"));
+        assert!(problem.is_new("x: bad line 4"));
+        problem.clear();
+        assert!(problem.is_new("x: bad line 4"));
+    }
 }

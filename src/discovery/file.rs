@@ -12,7 +12,7 @@ use super::dns::DnsResolver;
 use super::endpoint_file::{parse_endpoint_file, Host, MAX_ENDPOINT_FILE_BYTES};
 use super::EndpointSpec;
 use crate::state::{ListenerState, Shared};
-use crate::watch::{read_capped, FileWatch};
+use crate::watch::{read_capped, FileWatch, LastContents, LastProblem};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -46,9 +46,9 @@ pub(crate) async fn run(
 #[derive(Default)]
 struct Reader {
     /// Bytes of the last file we acted on (applied or refused), to skip re-reads.
-    last_bytes: Option<Vec<u8>>,
+    contents: LastContents<Vec<u8>>,
     /// The last problem reported, so a persisting problem is logged once.
-    last_problem: Option<String>,
+    problem: LastProblem,
 }
 
 impl Reader {
@@ -81,7 +81,7 @@ impl Reader {
                 } else {
                     format!("cannot be read: {error}")
                 };
-                self.last_bytes = None;
+                self.contents.set(None);
                 return self.problem(
                     listener,
                     shared,
@@ -95,7 +95,7 @@ impl Reader {
             tracing::debug!(path = %path.display(), "zero-byte endpoint file: a write in progress; ignored");
             return;
         }
-        if self.last_bytes.as_ref() == Some(&bytes) {
+        if self.contents.is(&bytes) {
             return;
         }
         let parsed = std::str::from_utf8(&bytes)
@@ -151,8 +151,8 @@ impl Reader {
         let count = specs.len();
         let changed = listener.endpoints.update(target, specs);
         shared.metrics.reload("file", true);
-        self.last_bytes = Some(bytes);
-        self.last_problem = None;
+        self.contents.set(Some(bytes));
+        self.problem.clear();
         if changed {
             tracing::info!(listener = %listener.name, path = %path.display(), endpoints = count, "endpoint file applied");
             shared.readiness_changed.notify_one();
@@ -168,15 +168,14 @@ impl Reader {
         bytes: Option<Vec<u8>>,
     ) {
         if bytes.is_some() {
-            self.last_bytes = bytes;
+            self.contents.set(bytes);
         }
         listener.endpoints.source_failed(target, message.clone());
-        if self.last_problem.as_ref() == Some(&message) {
+        if !self.problem.is_new(&message) {
             return;
         }
         shared.metrics.reload("file", false);
         tracing::warn!(listener = %listener.name, error = %message, "endpoint file refused; keeping the last good set");
-        self.last_problem = Some(message);
         shared.readiness_changed.notify_one();
     }
 }

@@ -21,6 +21,10 @@ pub(crate) struct Shared {
     pub(crate) listeners: ArcSwap<Vec<Arc<ListenerState>>>,
     /// Set once on SIGTERM or `/quitquitquit`: `/ready` turns 503 for good.
     pub(crate) draining: AtomicBool,
+    /// Set when this process hands its sockets over to a newcomer: its listeners stop
+    /// accepting, but their addresses stay bound (the newcomer accepts on them), so
+    /// `/ready` must not call them unbound.
+    pub(crate) handing_over: AtomicBool,
     /// `/startup` latch: set the first time the process is ready, never cleared.
     pub(crate) started: AtomicBool,
     pub(crate) ready_file: Option<PathBuf>,
@@ -39,6 +43,7 @@ impl Shared {
             metrics: Metrics::new(),
             listeners: ArcSwap::from_pointee(Vec::new()),
             draining: AtomicBool::new(false),
+            handing_over: AtomicBool::new(false),
             started: AtomicBool::new(false),
             ready_file,
             readiness_changed: Notify::new(),

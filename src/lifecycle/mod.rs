@@ -251,6 +251,7 @@ pub async fn run(config: Config, source: Source, command: Vec<String>) -> Result
         tokio::select! {
             Some(request) = commits.recv() => {
                 let pid = request.pid;
+                shared.handing_over.store(true, Relaxed);
                 // Stop accepting everywhere first: from the confirmation on, only the
                 // newcomer accepts, from the same sockets and their queues.
                 listeners.accepting.cancel();

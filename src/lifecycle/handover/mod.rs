@@ -157,8 +157,15 @@ pub async fn take(socket: &HandoffSocket) -> Result<Option<Taken>, HandoverError
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").into(),
         };
-        wire::send(&session, &hello, &[]).map_err(|error| wire_error(error.into()))?;
-        let (message, fds) = wire::recv(&session, ANSWER_TIMEOUT).map_err(wire_error)?;
+        // A refusal may already be waiting when the hello cannot be sent: read it, so
+        // the reason is what the user sees, not a broken pipe.
+        let sent = wire::send(&session, &hello, &[]);
+        let received = wire::recv(&session, ANSWER_TIMEOUT);
+        let (message, fds) = match (sent, received) {
+            (_, Ok(received @ (Message::Refused { .. }, _))) => received,
+            (Err(error), _) => return Err(wire_error(error.into())),
+            (Ok(()), received) => received.map_err(wire_error)?,
+        };
         let (pid, offered) = match message {
             Message::Offer { pid, sockets } => (pid, sockets),
             Message::Refused { reason } => {
@@ -385,6 +392,9 @@ pub async fn serve(
                 tracing::warn!(
                     "handoff socket: refused a second newcomer while one is taking over"
                 );
+                // Read its hello first: closing with it unread would reset the connection
+                // and the newcomer would see a broken pipe instead of the reason.
+                let _ = wire::recv(&stream, HELLO_TIMEOUT);
                 let _ = stream.set_write_timeout(Some(HELLO_TIMEOUT));
                 let _ = wire::send(
                     &stream,
@@ -397,6 +407,7 @@ pub async fn serve(
             }
             if shared.is_draining() {
                 handoffs(metrics, "busy");
+                let _ = wire::recv(&stream, HELLO_TIMEOUT);
                 let _ = stream.set_write_timeout(Some(HELLO_TIMEOUT));
                 let _ = wire::send(
                     &stream,

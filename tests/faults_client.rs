@@ -16,6 +16,10 @@ use std::time::{Duration, Instant};
 
 const NO_HEALTH: &str = r#"{ check = "none" }"#;
 
+/// legate is ready after the first check (or none) of a backend that is up: milliseconds;
+/// 10 s is a loaded 2-core machine's slack.
+const READY: Duration = Duration::from_secs(10);
+
 /// A ready legate with one listener, `svc`, in front of `upstream`, without health checks.
 fn svc_without_health(upstream: SocketAddr) -> Legate {
     let mut legate = Legate::builder()
@@ -25,7 +29,7 @@ fn svc_without_health(upstream: SocketAddr) -> Legate {
                 .set("health", NO_HEALTH),
         )
         .start();
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(READY);
     legate
 }
 
@@ -40,6 +44,8 @@ fn client_half_close_gets_a_delayed_answer() {
             let mut got = Vec::new();
             let _ = s.read_to_end(&mut got); // until the client's FIN
             received.push(got);
+            // "Delayed": 2 s, long after the FIN has crossed legate (milliseconds), so the
+            // answer travels on a connection that is half-closed for certain.
             thread::sleep(Duration::from_secs(2));
             let _ = s.write_all(b"+PONG\r\n");
         })
@@ -94,6 +100,8 @@ fn client_reset_mid_stream_releases_everything() {
         }
         let reset_at = Instant::now();
         reset(client);
+        // The reset crosses legate in milliseconds and the backend's next write fails;
+        // 10 s is a loaded machine's slack.
         let seen = wait_for(
             Duration::from_secs(10),
             "the backend's writes to fail",
@@ -111,6 +119,8 @@ fn client_reset_mid_stream_releases_everything() {
                 "legate_resets_total",
                 &[("listener", "svc"), ("from", "client")],
             )],
+            // Everything is released when the reset arrives (milliseconds): 5 s is a loaded
+            // machine's slack.
             settle: Duration::from_secs(5),
             ..Expect::default()
         },
@@ -188,13 +198,14 @@ fn silent_clients_hit_the_cap_and_admin_stays_reachable() {
                 .set("idle_timeout", "\"3s\""),
         )
         .start();
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(READY);
     let addr = legate.addr("svc");
     assert_eq!(echo_roundtrip(addr, "warm").unwrap(), "warm");
     let probe = Probe::start(&legate);
     let count = scale(200, 10_000);
     let mut silent = Vec::with_capacity(count);
     for n in 0..count {
+        // (5 s: a loopback connect, at once unless legate's accept queue is full.)
         match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
             Ok(s) => silent.push(s),
             // Over the cap legate accepts and resets at once; the reset can reach the
@@ -207,11 +218,14 @@ fn silent_clients_hit_the_cap_and_admin_stays_reachable() {
     for path in ["/live", "/ready", "/metrics"] {
         let started = Instant::now();
         assert_eq!(legate.get(path).0, 200, "{path}");
+        // An answer takes milliseconds; 5 s tells "answers" from "stuck behind the full data
+        // plane" with a loaded machine's slack.
         assert!(started.elapsed() < Duration::from_secs(5));
     }
     let rejected = eventually_value(&legate, count as f64 - 50.0);
     assert!(rejected >= count as f64 - 50.0, "rejected {rejected}");
-    // The idle timeout reaps the silent ones that were admitted.
+    // The idle timeout reaps the silent ones that were admitted: 3 s after they were opened;
+    // 15 s is a loaded machine's slack.
     eventually(Duration::from_secs(15), "silent connections reaped", || {
         legate
             .metrics()
@@ -237,6 +251,8 @@ fn silent_clients_hit_the_cap_and_admin_stays_reachable() {
 
 fn eventually_value(legate: &Legate, at_least: f64) -> f64 {
     let mut last = 0.0;
+    // Each rejection is counted as it happens, and the connects are done by now: 10 s is a
+    // loaded machine's slack for the last ones (polled every 50 ms).
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         last = legate.metrics().value(
@@ -262,7 +278,7 @@ fn many_idle_connections_cost_little() {
         .nofile(65_536)
         .listener(Listener::new("redis").upstream(redis.addr()))
         .start();
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(READY);
     let addr = legate.addr("redis");
     let probe = Probe::start(&legate);
     let count = scale(1_000, 9_900);
@@ -276,6 +292,8 @@ fn many_idle_connections_cost_little() {
         }
         held.push(s);
     }
+    // legate accepts and dials each in well under a millisecond, but up to 9 900 of them on
+    // a loaded machine: 30 s.
     eventually(Duration::from_secs(30), "all connections open", || {
         legate
             .metrics()
@@ -314,6 +332,8 @@ fn many_idle_connections_cost_little() {
         Expect {
             moved: &[("legate_connections_total", &[("listener", "redis")])],
             rss_slack_kib: 16 * 1024 + (count as u64 * 16),
+            // Closing up to 9 900 connections and their upstreams, then the blocking pool's
+            // 10 s linger: 30 s.
             settle: Duration::from_secs(30),
             ..Expect::default()
         },
@@ -373,7 +393,7 @@ fn port_exhaustion_has_its_own_reason_and_clears() {
                     .set("connect_attempts", "1"),
             )
             .start();
-        legate.wait_ready(Duration::from_secs(10));
+        legate.wait_ready(READY);
         let addr = legate.addr("svc");
         assert_eq!(echo_roundtrip(addr, "warm").unwrap(), "warm");
         // Narrowed only now: free_port() and the listeners need the usual range.
@@ -381,11 +401,14 @@ fn port_exhaustion_has_its_own_reason_and_clears() {
         let probe = Probe::start(&legate);
         // Take every ephemeral port toward the backend.
         let mut hogs = Vec::new();
+        // A connect that gets a port completes at once; with none left it fails at once
+        // (EADDRNOTAVAIL), so 2 s only bounds a connect that would hang.
         while let Ok(s) = TcpStream::connect_timeout(&backend.addr(), Duration::from_secs(2)) {
             hogs.push(s);
             assert!(hogs.len() <= 64, "the port range was not narrowed");
         }
         for _ in 0..5 {
+            // The dial fails at once (no port); 5 s is a loaded machine's slack.
             assert!(turned_away(addr, Duration::from_secs(5)));
         }
         let metrics = legate.metrics();
@@ -402,6 +425,7 @@ fn port_exhaustion_has_its_own_reason_and_clears() {
         // Still out of ports: nothing retries in a loop meanwhile.
         let cpu_before = fault::cpu_time(probe.pid);
         let started = Instant::now();
+        // One second: a retry loop would burn most of it.
         thread::sleep(Duration::from_secs(1));
         let (cpu, wall) = (fault::cpu_time(probe.pid) - cpu_before, started.elapsed());
         assert!(
@@ -411,6 +435,8 @@ fn port_exhaustion_has_its_own_reason_and_clears() {
         for hog in hogs {
             reset(hog);
         }
+        // The ports come back at once (reset, no TIME_WAIT); the failed dials' ejection (1 s,
+        // doubling) ends or the last-resort rule dials anyway, within seconds; 15 s is slack.
         eventually(Duration::from_secs(15), "dials work again", || {
             echo_roundtrip(addr, "again").ok().as_deref() == Some("again")
         });

@@ -19,6 +19,20 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
+/// legate is ready after its first read of the file (no health check here): milliseconds;
+/// 10 s is a loaded 2-core machine's slack.
+const READY: Duration = Duration::from_secs(10);
+
+/// The bound on a file change reaching new connections: the watcher's debounce (50 ms, at
+/// most 500 ms) and a read; 5 s is a loaded machine's slack.
+const CHANGE: Duration = Duration::from_secs(5);
+
+/// How long a test looks for a change that must not happen: the watcher's longest debounce
+/// (500 ms; a single event waits 50 ms), so a change would have applied by then.
+const NO_CHANGE: Duration = Duration::from_millis(500);
+
+/// (5 s each: a loopback connect and a greeting through legate, milliseconds, on a loaded
+/// machine.)
 fn which(addr: SocketAddr) -> Result<String, String> {
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .map_err(|e| e.to_string())?;
@@ -87,7 +101,7 @@ fn a_thousand_configmap_swaps_under_load() {
                 .set("health", r#"{ check = "none" }"#),
         )
         .start();
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(READY);
     let addr = legate.addr("svc");
     assert_eq!(which(addr).unwrap(), "a");
     let probe = Probe::start(&legate);
@@ -117,11 +131,12 @@ fn a_thousand_configmap_swaps_under_load() {
     ];
     for i in 0..swaps {
         volume.swap("endpoints", &sets[i % 3]);
+        // 0-5 ms apart, irregularly: some swaps inside one debounce, some across it.
         thread::sleep(Duration::from_micros(fastrand_ish(i) % 5000));
     }
     // The last write: a and c (swaps % 3 == 1, so index (swaps-1) % 3 == 0 ... pick explicitly).
     volume.swap("endpoints", &sets[2]);
-    eventually(Duration::from_secs(5), "the final set {a, c}", || {
+    eventually(CHANGE, "the final set {a, c}", || {
         let got = seen(addr, 12);
         got == BTreeSet::from(["a".to_string(), "c".to_string()])
     });
@@ -155,7 +170,8 @@ fn a_thousand_configmap_swaps_under_load() {
         reloads < (swaps / 2) as f64,
         "{reloads} reloads for {swaps} swaps: not coalesced"
     );
-    // Stay here a little so a late watcher event would show up as a change.
+    // Stay here a little so a late watcher event would show up as a change (300 ms: six of
+    // the watcher's 50 ms debounces).
     thread::sleep(Duration::from_millis(300));
     assert_eq!(
         seen(addr, 12),
@@ -200,29 +216,27 @@ fn file_deleted_unreadable_and_directory_replaced() {
                 .set("health", r#"{ check = "none" }"#),
         )
         .start();
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(READY);
     let addr = legate.addr("svc");
     assert_eq!(which(addr).unwrap(), "a");
     let probe = Probe::start(&legate);
 
     // Deleted: the set stays.
     std::fs::remove_file(&file).unwrap();
-    thread::sleep(Duration::from_millis(500));
+    thread::sleep(NO_CHANGE);
     assert_eq!(seen(addr, 5), BTreeSet::from(["a".to_string()]));
-    legate.wait_status("/ready", 200, Duration::from_secs(5));
+    legate.wait_status("/ready", 200, CHANGE);
     // Reappears: picked up.
     std::fs::write(&file, format!("{}\n", b.addr())).unwrap();
-    eventually(
-        Duration::from_secs(5),
-        "b after the file reappeared",
-        || seen(addr, 5) == BTreeSet::from(["b".to_string()]),
-    );
+    eventually(CHANGE, "b after the file reappeared", || {
+        seen(addr, 5) == BTreeSet::from(["b".to_string()])
+    });
 
     // Unreadable: a directory where the file should be (EISDIR; chmod 000 means nothing to
     // root, which the suite runs as).
     std::fs::remove_file(&file).unwrap();
     std::fs::create_dir(&file).unwrap();
-    thread::sleep(Duration::from_millis(500));
+    thread::sleep(NO_CHANGE);
     assert_eq!(seen(addr, 5), BTreeSet::from(["b".to_string()]));
     std::fs::remove_dir(&file).unwrap();
 
@@ -231,9 +245,13 @@ fn file_deleted_unreadable_and_directory_replaced() {
     let old = root.path().join("conf.old");
     std::fs::rename(&dir, &old).unwrap();
     std::fs::create_dir(&dir).unwrap();
+    // The new directory has no file yet: the set stays (300 ms, six 50 ms debounces, for a
+    // wrong change to show).
     thread::sleep(Duration::from_millis(300));
     assert_eq!(seen(addr, 5), BTreeSet::from(["b".to_string()]));
     std::fs::write(&file, format!("{}\n", c.addr())).unwrap();
+    // The watch on the old directory never fires again; the periodic re-read (every 10 s,
+    // src/discovery/file.rs POLL) notices the replacement and re-arms: 10 s plus 5 s of slack.
     eventually(
         Duration::from_secs(15),
         "c from the file in the replaced directory",
@@ -241,7 +259,7 @@ fn file_deleted_unreadable_and_directory_replaced() {
     );
     // Writes into the old directory no longer count.
     std::fs::write(old.join("endpoints"), format!("{}\n", a.addr())).unwrap();
-    thread::sleep(Duration::from_millis(500));
+    thread::sleep(NO_CHANGE);
     assert_eq!(seen(addr, 5), BTreeSet::from(["c".to_string()]));
     probe.finish(
         &mut legate,
@@ -285,6 +303,7 @@ fn nxdomain_and_refused_keep_the_last_good_answer() {
                 .set("health", r#"{ check = "none" }"#),
         )
         .start();
+    // Two first lookups (milliseconds); 15 s is a loaded machine's slack.
     legate.wait_ready(Duration::from_secs(15));
     for name in ["nx", "refused"] {
         assert_eq!(which(legate.addr(name)).unwrap(), "a");
@@ -299,10 +318,13 @@ fn nxdomain_and_refused_keep_the_last_good_answer() {
         )
     };
     let before = errors(&legate);
+    // The next refresh of each name is due within its 1 s TTL and fails at once (NXDOMAIN,
+    // REFUSED): 10 s is a loaded machine's slack.
     eventually(Duration::from_secs(10), "failed lookups counted", || {
         errors(&legate) >= before + 2.0
     });
-    // Several refreshes later the last good answer is still in use, and /ready is 200.
+    // Several refreshes later (3 s: retries back off up to max_ttl, 2 s) the last good answer
+    // is still in use, and /ready is 200.
     thread::sleep(Duration::from_secs(3));
     for name in ["nx", "refused"] {
         assert_eq!(
@@ -320,6 +342,7 @@ fn nxdomain_and_refused_keep_the_last_good_answer() {
     // Back, with a new address: followed.
     dns.set_hosts("127.0.0.3 redis.local.test\n127.0.0.3 redis.other.test\n");
     for name in ["nx", "refused"] {
+        // The next retry (at most max_ttl, 2 s, away) gets the new answer; 15 s is slack.
         eventually(
             Duration::from_secs(15),
             &format!("{name}: the new answer"),

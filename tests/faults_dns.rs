@@ -22,6 +22,10 @@ const NAME: &str = "churn.test.local";
 const MAX_ENDPOINTS: usize = 1024;
 /// src/discovery/dns.rs `MIN_REFRESH`.
 const MIN_REFRESH: Duration = Duration::from_millis(250);
+/// The bound on the set following a rewrite: the answers have TTL 0, so the next lookup is
+/// MIN_REFRESH (250 ms) away, a failed one backs off at most max_ttl (2 s here), and an
+/// oversized answer goes on over TCP; 10 s covers two lookups with a loaded machine's slack.
+const FOLLOW: Duration = Duration::from_secs(10);
 /// The real backend: the first address of every non-empty answer. The others
 /// (127.1.x.y) have no listener: nothing but the held connections reaches them.
 const BACKEND_IP: &str = "127.0.0.2";
@@ -51,7 +55,9 @@ fn start_dnsmasq(hosts: &str) -> Dnsmasq {
 /// the resolver reconnects when the connection is closed under it.
 fn rewrite_hosts(dns: &Dnsmasq, hosts: &str) {
     dns.set_hosts(hosts);
-    // The reread happens in dnsmasq's event loop, right after the signal.
+    // The reread happens in dnsmasq's event loop, right after the signal: 10 ms for it. On a
+    // loaded machine it may come later; then a child forked meanwhile keeps the old copy
+    // only until the next rewrite (100 ms on) ends it, which nothing checked here minds.
     thread::sleep(Duration::from_millis(10));
     for child in children(dns.proc.pid()) {
         // SAFETY: kill(2) has no memory-safety preconditions; a child that already
@@ -168,6 +174,7 @@ fn dns_answer_churn_and_oversized_answers() {
                 .set("health", r#"{ check = "none" }"#),
         )
         .start();
+    // One lookup (milliseconds); 15 s is a loaded machine's slack.
     legate.wait_ready(Duration::from_secs(15));
     let backend_addr = format!("{BACKEND_IP}:{port}");
     assert_eq!(
@@ -269,12 +276,12 @@ fn dns_answer_churn_and_oversized_answers() {
         )
     };
     rewrite_hosts(&dns, &hosts(1));
-    eventually(Duration::from_secs(10), "back to one endpoint", || {
+    eventually(FOLLOW, "back to one endpoint", || {
         endpoints(&legate).len() == 1
     });
     let before = errors(&legate);
     rewrite_hosts(&dns, &hosts(0));
-    eventually(Duration::from_secs(10), "an empty answer counted", || {
+    eventually(FOLLOW, "an empty answer counted", || {
         errors(&legate) >= before + 2.0
     });
     assert_eq!(endpoints(&legate), [(backend_addr.clone(), HELD as u64)]);
@@ -289,9 +296,11 @@ fn dns_answer_churn_and_oversized_answers() {
     };
     let truncated_before = truncated(&legate);
     rewrite_hosts(&dns, &hosts(1100));
-    eventually(Duration::from_secs(10), "1 024 endpoints", || {
+    eventually(FOLLOW, "1 024 endpoints", || {
         endpoints(&legate).len() == MAX_ENDPOINTS
     });
+    // Once capped, the next lookup is MIN_REFRESH away (TTL 0): 5 s is a loaded machine's
+    // slack for the second.
     eventually(Duration::from_secs(5), "two capped lookups counted", || {
         truncated(&legate) >= truncated_before + 2.0
     });
@@ -311,7 +320,7 @@ fn dns_answer_churn_and_oversized_answers() {
 
     // Back to the one real record: the rest leave, the held connections still work.
     rewrite_hosts(&dns, &hosts(1));
-    eventually(Duration::from_secs(10), "back to one endpoint", || {
+    eventually(FOLLOW, "back to one endpoint", || {
         endpoints(&legate) == [(backend_addr.clone(), HELD as u64)]
     });
     assert!(legate.log().contains("DNS answer fits again"));

@@ -17,6 +17,10 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// legate is ready after the first check (or none) of a backend that is up: milliseconds;
+/// 10 s is a loaded 2-core machine's slack.
+const READY: Duration = Duration::from_secs(10);
+
 /// Legate under `RLIMIT_NOFILE` 64 with 100 held connections: accept(2) fails with
 /// EMFILE and the loop backs off (counted in `legate_accept_errors_total{errno="EMFILE"}`,
 /// no CPU spin), the admin port answers from its reserve, and everything recovers once the
@@ -32,13 +36,14 @@ fn fd_exhaustion_backs_off_and_recovers() {
                 .set("health", r#"{ check = "none" }"#),
         )
         .start();
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(READY);
     let addr = legate.addr("svc");
     assert_eq!(echo_roundtrip(addr, "warm").unwrap(), "warm");
     let probe = Probe::start(&legate);
     // While legate is out of descriptors, a connection it accepted but could not dial for
     // is reset (the contract's answer to a client it cannot serve), and that reset can
     // arrive before connect() returns; only the connections that got through are held.
+    // (5 s: a loopback connect completes in the kernel, into the backlog if need be.)
     let held: Vec<TcpStream> = (0..100)
         .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok())
         .collect();
@@ -47,6 +52,7 @@ fn fd_exhaustion_backs_off_and_recovers() {
         "only {} of 100 connections got through: legate should hold about 60 descriptors' worth",
         held.len()
     );
+    // The first accept past the limit fails at once; 10 s is a loaded machine's slack.
     eventually(Duration::from_secs(10), "EMFILE to be counted", || {
         legate
             .metrics()
@@ -60,6 +66,8 @@ fn fd_exhaustion_backs_off_and_recovers() {
     }
     let cpu_before = fault::cpu_time(probe.pid);
     let started = Instant::now();
+    // Two seconds out of descriptors: an accept loop that does not back off would burn most
+    // of them.
     thread::sleep(Duration::from_secs(2));
     let (cpu, wall) = (fault::cpu_time(probe.pid) - cpu_before, started.elapsed());
     eprintln!("out of descriptors: {cpu:?} CPU over {wall:?}");
@@ -69,6 +77,8 @@ fn fd_exhaustion_backs_off_and_recovers() {
     );
     // A held connection that got through still works; then everything closes.
     drop(held);
+    // The accept loop's back-off ends and it serves the backlog, then new clients: seconds at
+    // most; 15 s is a loaded machine's slack.
     eventually(
         Duration::from_secs(15),
         "echo after the held connections closed",
@@ -81,6 +91,7 @@ fn fd_exhaustion_backs_off_and_recovers() {
                 "legate_accept_errors_total",
                 &[("listener", "svc"), ("errno", "EMFILE")],
             )],
+            // The default 15 s, plus 5 s for the backlog's connections to be served and closed.
             settle: Duration::from_secs(20),
             ..Expect::default()
         },
@@ -89,6 +100,7 @@ fn fd_exhaustion_backs_off_and_recovers() {
 
 /// Sends raw bytes to the admin port; the status of the answer, if any.
 fn admin_raw(admin: SocketAddr, bytes: &[u8]) -> Option<u16> {
+    // A loopback connect (5 s) and an answer in milliseconds (10 s): a loaded machine's slack.
     let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(5)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let _ = s.write_all(bytes);
@@ -112,7 +124,7 @@ fn admin_port_abuse() {
     let mut legate = Legate::builder()
         .listener(Listener::new("svc").upstream(backend.addr()))
         .start();
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(READY);
     let admin = legate.admin;
     let data = legate.addr("svc");
     assert_eq!(echo_roundtrip(data, "warm").unwrap(), "warm");
@@ -140,12 +152,15 @@ fn admin_port_abuse() {
     slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
         .unwrap();
     let started = Instant::now();
+    // A header line every 500 ms, 1.5 s in all: trickling lines must not extend the 2 s
+    // header timeout.
     for _ in 0..3 {
         thread::sleep(Duration::from_millis(500));
         if slow.write_all(b"X-Slow: 1\r\n").is_err() {
             break;
         }
     }
+    // Cut at 2 s; 10 s is a loaded machine's slack.
     assert!(closed_within(&mut slow, Duration::from_secs(10)));
     eprintln!("admin slowloris cut after {:?}", started.elapsed());
     // A burst of concurrent scrapes (1 000; LEGATE_FAULTS_FULL: 10 000 in waves).
@@ -155,6 +170,7 @@ fn admin_port_abuse() {
         let n = (total - wave * 1_000).min(1_000);
         let mut open: Vec<TcpStream> = Vec::with_capacity(n);
         for _ in 0..n {
+            // (5 s: a loopback connect, at once unless the admin backlog is full.)
             if let Ok(mut s) = TcpStream::connect_timeout(&admin, Duration::from_secs(5)) {
                 let _ =
                     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
@@ -177,6 +193,8 @@ fn admin_port_abuse() {
                 let statuses = statuses.clone();
                 thread::spawn(move || {
                     for mut s in chunk {
+                        // 1 000 scrapes queue behind the admin server's concurrency limit;
+                        // each is milliseconds, 20 s is the queue on a loaded machine.
                         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
                         let (raw, _) = read_to_end(&mut s);
                         let status = parse_http_response(&raw).map(|(s, _)| s).unwrap_or(0);
@@ -216,7 +234,7 @@ fn sighup_storm_during_the_drain_is_ignored() {
         .runtime("drain_timeout", "\"20s\"")
         .listener(Listener::new("svc").upstream(backend.addr()))
         .start();
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(READY);
     let addr = legate.addr("svc");
     let mut held = connect(addr);
     held.write_all(b"one\n").unwrap();
@@ -227,10 +245,12 @@ fn sighup_storm_during_the_drain_is_ignored() {
         .metrics()
         .value("legate_reloads_total", &[("source", "config")]);
     legate.signal(libc::SIGTERM);
+    // /ready turns 503 at the signal; 5 s is a loaded machine's slack.
     legate.wait_not_ready(Duration::from_secs(5));
     for _ in 0..1000 {
         legate.signal(libc::SIGHUP);
     }
+    // Half a second for the storm's effects (a reload, threads) to show, were there any.
     thread::sleep(Duration::from_millis(500));
     legate.assert_running();
     let threads = fault::threads(pid);
@@ -251,6 +271,8 @@ fn sighup_storm_during_the_drain_is_ignored() {
     let (rest, _) = read_to_end(&mut held);
     assert!(rest.is_empty());
     drop(held);
+    // The drain ends with its last connection, at once (drain_timeout 20 s is not reached);
+    // 15 s is a loaded machine's slack.
     let status = legate.wait_exit(Duration::from_secs(15));
     assert_eq!(status.code(), Some(0), "exit status after the drain");
     let log = legate.log();
@@ -276,7 +298,7 @@ fn sigterm_with_many_active_connections_completes_them() {
                 .set("max_connections", "5000"),
         )
         .start();
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(READY);
     let addr = legate.addr("svc");
     let started = Arc::new(Barrier::new(pumps + 5 + 1));
     let progress = Arc::new(AtomicUsize::new(0));
@@ -297,6 +319,7 @@ fn sigterm_with_many_active_connections_completes_them() {
                     if sha256_hex(&got) != sha256_hex(&msg) {
                         return Err(format!("pump {p}: hash mismatch at {i}"));
                     }
+                    // 20 round trips 100 ms apart: each pump spans the 1 s shutdown_delay.
                     thread::sleep(Duration::from_millis(100));
                 }
                 Ok(())
@@ -309,6 +332,8 @@ fn sigterm_with_many_active_connections_completes_them() {
             thread::spawn(move || -> Result<(), String> {
                 let body = payload(8 << 20, 3700 + b);
                 let mut s = connect(addr);
+                // 8 MiB at 64 KiB per 10 ms takes about 1.3 s; 60 s (the drain_timeout) is a
+                // loaded machine's slack, and ends a stuck read.
                 s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
                 started.wait();
                 let mut writer = s.try_clone().unwrap();
@@ -318,6 +343,7 @@ fn sigterm_with_many_active_connections_completes_them() {
                     for chunk in to_send.chunks(64 * 1024) {
                         writer.write_all(chunk)?;
                         progress.fetch_add(chunk.len(), Ordering::SeqCst);
+                        // Paced, so the flows are still running when SIGTERM comes.
                         thread::sleep(Duration::from_millis(10));
                     }
                     writer.shutdown(Shutdown::Write)
@@ -336,11 +362,15 @@ fn sigterm_with_many_active_connections_completes_them() {
         })
         .collect();
     started.wait();
+    // 1 MiB over five paced flows takes a fraction of a second; 30 s is the slack for 105
+    // clients starting on a loaded machine.
     eventually(Duration::from_secs(30), "1 MiB of bulk through", || {
         progress.load(Ordering::SeqCst) >= 1 << 20
     });
     legate.signal(libc::SIGTERM);
     let signalled = Instant::now();
+    // /ready turns 503 at the signal. The bound stays short on purpose: the check below must
+    // run within shutdown_delay (1 s) anyway, so a longer wait would only fail later.
     legate.wait_not_ready(Duration::from_secs(2));
     eprintln!("/ready 503 {:?} after SIGTERM", signalled.elapsed());
     // Within shutdown_delay new connections are still accepted and served.
@@ -356,10 +386,14 @@ fn sigterm_with_many_active_connections_completes_them() {
         "transfers failed during the drain: {errors:?}"
     );
     // After shutdown_delay the listener is closed: refused at once.
+    // shutdown_delay is 1 s, and the transfers joined above took longer: the listener is
+    // already closed or closes within 5 s; a refused loopback connect fails at once (1 s).
     eventually(Duration::from_secs(5), "the listener to refuse", || {
         TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err()
             || !legate_alive(&mut legate)
     });
+    // Every transfer has completed, so the drain ends at once; 30 s is slack for closing up
+    // to 1 005 connections on a loaded machine.
     let status = legate.wait_exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(0));
     let log = legate.log();
@@ -502,7 +536,8 @@ impl MemoryCgroup {
 
 impl Drop for MemoryCgroup {
     fn drop(&mut self) {
-        // The cgroup empties when its processes are reaped; wait a moment for that.
+        // The cgroup empties when its processes are reaped; wait a moment for that (5 s:
+        // reaping takes milliseconds; after that the directory is left behind, not fatal).
         let deadline = Instant::now() + Duration::from_secs(5);
         while std::fs::remove_dir(&self.dir).is_err() && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(50));
@@ -563,12 +598,13 @@ fn memory_pressure_no_oom_and_admission_stops_at_the_cap() {
         )
         .start();
     cgroup.add(legate.pid());
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(READY);
     let addr = legate.addr("svc");
     let probe = Probe::start(&legate);
 
     let mut clients = Vec::with_capacity(count);
     for n in 0..count {
+        // (5 s: a loopback connect, at once unless legate's backlog is full.)
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
             .unwrap_or_else(|e| panic!("connect {n}: {e}"));
         s.write_all(b"g").unwrap();
@@ -577,21 +613,26 @@ fn memory_pressure_no_oom_and_admission_stops_at_the_cap() {
         // time dials out and eject the backend, which is faults_upstream's
         // full_accept_queue_hits_the_connect_timeout's business, not this one's.
         if n % 50 == 49 {
+            // 50 accepts take milliseconds; 10 s is a loaded machine's slack.
             eventually(Duration::from_secs(10), "the backend accepts", || {
                 backend.accepted() > n
             });
         }
     }
+    // Each admission is a dial to a local backend (milliseconds); 60 s covers 600 of them in a
+    // memory cgroup under pressure on a loaded machine.
     eventually(Duration::from_secs(60), "every connection admitted", || {
         legate
             .metrics()
             .value("legate_connections_active", &[("listener", "svc")])
             == count as f64
     });
-    // Let the backends push while nobody reads.
+    // Let the backends push while nobody reads (2 s: 256 KiB each fills every buffer on the
+    // path in milliseconds; what is measured next is the filled state).
     thread::sleep(Duration::from_secs(2));
     // The watermark: past max_connections every new client is turned away and counted.
     for _ in 0..20 {
+        // Over the cap legate resets at once; 5 s is a loaded machine's slack.
         assert!(
             turned_away(addr, Duration::from_secs(5)),
             "over the cap, admitted"
@@ -633,6 +674,9 @@ fn memory_pressure_no_oom_and_admission_stops_at_the_cap() {
     // The clients read now: every stream arrives whole, without retransmission stalls.
     let reading = Instant::now();
     for (n, client) in clients.iter_mut().enumerate() {
+        // 30 s per read is the point: with socket memory past the limit, senders back off
+        // exponentially and a stream stalls for 50 s (README, "Memory limits"); within budget
+        // each stream is read in milliseconds.
         client
             .set_read_timeout(Some(Duration::from_secs(30)))
             .unwrap();
@@ -660,6 +704,8 @@ fn memory_pressure_no_oom_and_admission_stops_at_the_cap() {
                 &[("listener", "svc"), ("reason", "max_connections")],
             )],
             rss_slack_kib: 16 * 1024 + 16 * count as u64,
+            // Closing 600 connections and their upstreams in a cgroup under pressure, then
+            // the blocking pool's 10 s linger: 30 s.
             settle: Duration::from_secs(30),
             ..Expect::default()
         },

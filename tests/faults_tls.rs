@@ -22,6 +22,19 @@ use std::time::{Duration, Instant};
 
 const HANDSHAKE_ERRORS: &str = "legate_tls_handshake_errors_total";
 
+/// legate is ready after the first check (a TLS handshake, or none) of a server that is up:
+/// milliseconds; 10 s is a loaded 2-core machine's slack.
+const READY: Duration = Duration::from_secs(10);
+
+/// legate's handshake timeout (src/tls/mod.rs `HANDSHAKE_TIMEOUT`): a client that has not
+/// finished its handshake by then is closed.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The bound on a TLS material reload (good or refused): the watcher's debounce (50 ms, at
+/// most 500 ms), or its 2 s backstop poll (src/lifecycle/tls_reload.rs) should the event
+/// be missed; 6 s is that plus a loaded machine's slack.
+const RELOAD: Duration = Duration::from_secs(6);
+
 /// `openssl s_client` with extra flags; whether a TLS session was established.
 fn s_client(addr: SocketAddr, ca: &Path, flags: &str) -> (bool, String) {
     let mut cmd = Command::new("sh");
@@ -29,6 +42,7 @@ fn s_client(addr: SocketAddr, ca: &Path, flags: &str) -> (bool, String) {
         "openssl s_client -connect {addr} -servername redis.test -CAfile {} {flags} </dev/null 2>&1",
         ca.display()
     ));
+    // One handshake, milliseconds; 15 s is a loaded machine's slack.
     let output = run_with_timeout(cmd, Duration::from_secs(15));
     let text = String::from_utf8_lossy(&output.stdout).to_string();
     let ok = output.status.success() && text.contains("Verify return code: 0");
@@ -57,7 +71,7 @@ fn terminating(extra: &str) -> Terminating {
                 .set("tls_server", &server),
         )
         .start();
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(READY);
     let (ok, out) = redis_cli_tls(legate.addr("tls"), &files.ca_path, None);
     assert!(ok, "warm-up TLS client failed: {out}");
     Terminating {
@@ -79,10 +93,12 @@ fn garbage_and_plaintext_on_a_tls_port() {
         let noise = payload(1 << 20, 17 + round);
         // The write may fail part-way: legate closes as soon as the first record is bad.
         let _ = garbage.write_all(&noise);
+        // Closed at once; at worst by the handshake timeout: 5 s + 1 s of slack.
         assert!(closed_within(&mut garbage, Duration::from_secs(6)));
     }
     let mut plain = connect(addr);
     plain.write_all(b"PING\r\n").unwrap();
+    // As above: the handshake timeout (5 s) at worst, plus 2 s of slack.
     assert!(closed_within(&mut plain, Duration::from_secs(7)));
     let (ok, out) = redis_cli_tls(addr, &t.files.ca_path, None);
     assert!(ok, "{out}");
@@ -127,20 +143,25 @@ fn handshake_flood_is_reaped_by_the_handshake_timeout() {
                 if stop.load(Ordering::SeqCst) || s.write_all(&[byte]).is_err() {
                     break;
                 }
+                // A byte a second: 11 bytes would take 11 s, past the handshake timeout.
                 thread::sleep(Duration::from_secs(1));
             }
+            // Closed at the handshake timeout (5 s after connect); 10 s more is slack.
             closed_within(&mut s, Duration::from_secs(10))
         })
     };
     // A legitimate client is unaffected while all that is pending.
     let (ok, out) = redis_cli_tls(addr, &t.files.ca_path, None);
     assert!(ok, "a real client failed during the flood: {out}");
+    // Garbage is refused at once, by the handshake timeout at worst: 5 s + 2 s of slack.
     for s in &mut garbage {
         assert!(closed_within(s, Duration::from_secs(7)));
     }
+    // The silent sockets, opened before all this, go at the handshake timeout: 12 s from
+    // here is HANDSHAKE_TIMEOUT plus 7 s of slack, shared by all of them.
     let started = Instant::now();
     for mut s in silent {
-        let left = Duration::from_secs(12).saturating_sub(started.elapsed());
+        let left = (HANDSHAKE_TIMEOUT + Duration::from_secs(7)).saturating_sub(started.elapsed());
         assert!(
             closed_within(&mut s, left.max(Duration::from_millis(100))),
             "a silent socket outlived the handshake timeout"
@@ -217,7 +238,7 @@ fn not_yet_valid_and_ip_endpoints() {
                 .set("tls", &origination(ca_path)),
         )
         .start();
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(READY);
     let probe = Probe::start(&legate);
     for name in ["future", "ip"] {
         let mut s = connect(legate.addr(name));
@@ -290,6 +311,7 @@ impl SServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn openssl s_server");
+        // openssl starts listening within a fraction of a second; 10 s is slack.
         wait_listening(port, Duration::from_secs(10), "openssl s_server");
         SServer {
             port,
@@ -328,7 +350,7 @@ fn legacy_tls_is_refused_both_ways() {
                 .set("tls", &origination(&t.files.ca_path)),
         )
         .start();
-    second.wait_ready(Duration::from_secs(10));
+    second.wait_ready(READY);
     let probe = Probe::start(&t.legate);
     let probe2 = Probe::start(&second);
 
@@ -394,7 +416,7 @@ fn truncated_tls_stream_is_passed_on_as_a_reset() {
                 .set("tls", &origination(ca_path)),
         )
         .start();
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(READY);
     let probe = Probe::start(&legate);
     let mut client = connect(legate.addr("tls"));
     client.write_all(b"hello\n").unwrap();
@@ -524,6 +546,7 @@ fn mtls_setup() -> (ServerFiles, SecretVolume, TlsRedis, Legate) {
                 ),
         )
         .start();
+    // The first check is an mTLS handshake and a PING: milliseconds; 15 s is slack.
     legate.wait_ready(Duration::from_secs(15));
     (files, volume, redis, legate)
 }
@@ -547,15 +570,14 @@ fn certificate_rotation_under_load() {
     let stop = Arc::new(AtomicBool::new(false));
     let pump = pumps(addr, 10, stop.clone());
     for round in 2..=6 {
+        // 1 s apart: the pumps run across each rotation.
         thread::sleep(Duration::from_secs(1));
         let (cert, key) = ca.leaf(&format!("legate-v{round}"), &["legate.test"], (-1, 365));
         volume.swap(&cert, &key);
         let want = ok_before + (round - 1) as f64;
-        eventually(
-            Duration::from_secs(6),
-            "the rotation to be reloaded",
-            || tls_reloads(&legate, "ok") >= want,
-        );
+        eventually(RELOAD, "the rotation to be reloaded", || {
+            tls_reloads(&legate, "ok") >= want
+        });
     }
     stop.store(true, Ordering::SeqCst);
     let (ops, errors) = pump.join().unwrap();
@@ -598,11 +620,9 @@ fn broken_rotation_keeps_the_last_good_material() {
     for (what, cert, key) in broken {
         let before = tls_reloads(&legate, "error");
         volume.swap(cert, key);
-        eventually(
-            Duration::from_secs(6),
-            &format!("{what} to be refused"),
-            || tls_reloads(&legate, "error") > before,
-        );
+        eventually(RELOAD, &format!("{what} to be refused"), || {
+            tls_reloads(&legate, "error") > before
+        });
         assert_eq!(legate.get("/ready").0, 200, "{what}: /ready");
         let pong: String = redis::cmd("PING").query(&mut old).unwrap();
         assert_eq!(pong, "PONG", "{what}: an old connection");

@@ -16,6 +16,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 const NO_HEALTH: &str = r#"{ check = "none" }"#;
+
+/// legate is ready after the first check (or none) of a backend that is up: milliseconds;
+/// 10 s is a loaded 2-core machine's slack.
+const READY: Duration = Duration::from_secs(10);
 const CONNECT_ERRORS: &str = "legate_upstream_connect_errors_total";
 
 fn warm_up(addr: SocketAddr) {
@@ -43,11 +47,14 @@ fn refused_backend_closes_the_client_at_once() {
                 .set("required", "false"),
         )
         .start();
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(READY);
     warm_up(legate.addr("live"));
     let probe = Probe::start(&legate);
     for _ in 0..20 {
         let started = Instant::now();
+        // A refused dial fails in microseconds. 2 s is generous for a loaded machine and
+        // still below what timed-out dials would take (connect_attempts 3 × connect_timeout
+        // 1 s), so it tells "refused, at once" from "waited for timeouts".
         assert!(
             turned_away(legate.addr("dead"), Duration::from_secs(2)),
             "client not closed"
@@ -105,7 +112,7 @@ fn frozen_backend_is_bounded_timed_out_and_recovers() {
         )
         .listener(Listener::new("other").upstream(other.addr()))
         .start();
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(READY);
     assert_eq!(redis_ping(legate.addr("frozen")).unwrap(), "PONG");
     let probe = Probe::start(&legate);
 
@@ -118,6 +125,8 @@ fn frozen_backend_is_bounded_timed_out_and_recovers() {
         let addr = legate.addr("frozen");
         thread::spawn(move || {
             let mut stream = connect(addr);
+            // A stalled write returns after 1 s, so the loop sees its deadline; 10 s of
+            // writing outlasts the RSS sample below (1.5 s) and the 2 s idle_timeout.
             stream
                 .set_write_timeout(Some(Duration::from_secs(1)))
                 .unwrap();
@@ -137,6 +146,8 @@ fn frozen_backend_is_bounded_timed_out_and_recovers() {
     };
     let mut silent = connect(legate.addr("frozen"));
     silent.write_all(b"PING\r\n").unwrap();
+    // 1.5 s: the writer fills every buffer on the path within milliseconds, and the sample
+    // comes before the 2 s idle_timeout ends the stuck connections.
     thread::sleep(Duration::from_millis(1500));
     // Writes stall: far less than the 10 s of writing gets in.
     let rss_during = fault::rss_kib(probe.pid);
@@ -149,6 +160,7 @@ fn frozen_backend_is_bounded_timed_out_and_recovers() {
     // Other listeners are unaffected.
     assert_eq!(redis_ping(legate.addr("other")).unwrap(), "PONG");
     // The idle timeout closes the stuck connection (no byte either way for 2 s).
+    // 10 s: the 2 s idle_timeout plus a loaded machine's slack.
     assert!(
         closed_within(&mut silent, Duration::from_secs(10)),
         "a connection to a frozen backend was not closed by idle_timeout"
@@ -159,6 +171,7 @@ fn frozen_backend_is_bounded_timed_out_and_recovers() {
         pushed.load(Ordering::SeqCst) / 1024
     );
     frozen.resume();
+    // Redis answers at once after SIGCONT; 10 s is a loaded machine's slack.
     eventually(Duration::from_secs(10), "PONG after SIGCONT", || {
         redis_ping(legate.addr("frozen")).ok().as_deref() == Some("PONG")
     });
@@ -190,6 +203,7 @@ impl NeverAccepts {
             ))
             .spawn()
             .expect("spawn python3");
+        // python3 starts and listens within a fraction of a second; 10 s is slack.
         wait_listening(port, Duration::from_secs(10), "python listen(0)");
         NeverAccepts {
             port,
@@ -206,7 +220,8 @@ impl NeverAccepts {
 #[test]
 fn full_accept_queue_hits_the_connect_timeout() {
     let full = NeverAccepts::start();
-    // Fill its queue from here (the ones that do not fit just time out).
+    // Fill its queue from here (the ones that do not fit just time out: a connect that fits
+    // completes at once over loopback, so 300 ms only bounds the ones that hang).
     let fillers: Vec<TcpStream> = (0..4)
         .filter_map(|_| {
             TcpStream::connect_timeout(&local(full.port), Duration::from_millis(300)).ok()
@@ -228,15 +243,17 @@ fn full_accept_queue_hits_the_connect_timeout() {
                 .set("required", "false"),
         )
         .start();
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(READY);
     warm_up(legate.addr("live"));
     let probe = Probe::start(&legate);
+    // connect_timeout 500 ms, one attempt: 5 s is that plus a loaded machine's slack.
     assert!(
         turned_away(legate.addr("full"), Duration::from_secs(5)),
         "client not closed after connect_timeout"
     );
     // 200 clients at once: each is closed (timeout, or no_endpoint while ejected, which
     // can reset a client before its connect() returns).
+    // (5 s: a loopback connect to legate, at once unless its accept queue is full.)
     let clients: Vec<TcpStream> = (0..200)
         .filter_map(|_| {
             match TcpStream::connect_timeout(&legate.addr("full"), Duration::from_secs(5)) {
@@ -246,6 +263,8 @@ fn full_accept_queue_hits_the_connect_timeout() {
             }
         })
         .collect();
+    // Each is closed after at most its 500 ms dial (the rest at once, while ejected); 10 s per
+    // client, then 5 s for the gauge, are a loaded machine's slack.
     for mut c in clients {
         assert!(closed_within(&mut c, Duration::from_secs(10)));
     }
@@ -305,7 +324,7 @@ fn blackholed_endpoint_new_dials_and_mid_stream() {
                     .set("tcp_user_timeout", "\"2s\""),
             )
             .start();
-        legate.wait_ready(Duration::from_secs(10));
+        legate.wait_ready(READY);
         let addr = legate.addr("hole");
         let mut held = connect(addr);
         held.write_all(b"before\n").unwrap();
@@ -316,7 +335,7 @@ fn blackholed_endpoint_new_dials_and_mid_stream() {
         let probe = Probe::start(&legate);
 
         sh("ip rule add pref 10 from 127.0.0.2 blackhole");
-        // Established: the echo never comes back; idle_timeout ends it.
+        // Established: the echo never comes back; idle_timeout ends it (2 s; 10 s is slack).
         held.write_all(b"after\n").unwrap();
         assert!(
             closed_within(&mut held, Duration::from_secs(10)),
@@ -325,6 +344,7 @@ fn blackholed_endpoint_new_dials_and_mid_stream() {
         // Established, no idle_timeout, bytes unacknowledged: TCP_USER_TIMEOUT fails the
         // upstream socket, and the client gets the reset (never a clean end).
         busy.write_all(b"after\n").unwrap();
+        // tcp_user_timeout 2 s; 15 s is slack (a retransmission timer, not CPU, sets it).
         busy.set_read_timeout(Some(Duration::from_secs(15)))
             .unwrap();
         let started = Instant::now();
@@ -336,7 +356,7 @@ fn blackholed_endpoint_new_dials_and_mid_stream() {
                 started.elapsed()
             ),
         }
-        // New dials: no SYN-ACK ever arrives.
+        // New dials: no SYN-ACK ever arrives; connect_timeout 500 ms (5 s: slack).
         assert!(turned_away(addr, Duration::from_secs(5)));
         let metrics = legate.metrics();
         assert!(metrics.value(CONNECT_ERRORS, &[("reason", "timeout")]) >= 1.0);
@@ -352,6 +372,8 @@ fn blackholed_endpoint_new_dials_and_mid_stream() {
         );
 
         sh("ip rule del pref 10");
+        // The timed-out dials ejected the endpoint (1 s, doubling) and the last-resort rule
+        // dials it anyway: echo works again within seconds; 10 s is slack.
         eventually(
             Duration::from_secs(10),
             "echo after the blackhole is lifted",
@@ -390,6 +412,7 @@ fn upstream_reset_at_accept_and_mid_stream_reaches_the_client_as_a_reset() {
             let mut first = [0u8; 1];
             let _ = s.read(&mut first);
             let _ = s.write_all(&body);
+            // A moment for the 10 MB to leave the socket, so the reset lands mid-stream.
             thread::sleep(Duration::from_millis(100));
             reset(s);
         })
@@ -406,12 +429,13 @@ fn upstream_reset_at_accept_and_mid_stream_reaches_the_client_as_a_reset() {
                 .set("health", NO_HEALTH),
         )
         .start();
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(READY);
     let probe = Probe::start(&legate);
 
     // The reset may reach legate while it is still dialling (then the dial fails and the
     // client is reset, possibly before its own connect() returns) or after: either way
     // the client must see an error, never a clean EOF.
+    // (5 s: a loopback connect; 10 s: the reset follows at once, the rest is slack.)
     match TcpStream::connect_timeout(&legate.addr("accept"), Duration::from_secs(5)) {
         Ok(mut client) => {
             client
@@ -481,7 +505,7 @@ fn server_speaks_first_greeting_arrives_without_client_bytes() {
     let mut legate = Legate::builder()
         .listener(Listener::new("mysql").upstream(backend.addr()))
         .start();
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(READY);
     let probe = Probe::start(&legate);
     let mut worst = Duration::ZERO;
     for _ in 0..20 {
@@ -522,7 +546,7 @@ fn flapping_backend_under_load() {
                 .set("connect_timeout", "\"500ms\""),
         )
         .start();
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(READY);
     let addr = legate.addr("redis");
     assert_eq!(redis_ping(addr).unwrap(), "PONG");
     let probe = Probe::start(&legate);
@@ -538,13 +562,14 @@ fn flapping_backend_under_load() {
                         Ok(p) if p == "PONG" => ok.fetch_add(1, Ordering::SeqCst),
                         _ => failed.fetch_add(1, Ordering::SeqCst),
                     };
-                    thread::sleep(Duration::from_millis(10));
+                    thread::sleep(Duration::from_millis(10)); // ~100 PINGs a second each
                 }
             })
         })
         .collect();
     let until = Instant::now() + scale(Duration::from_secs(6), Duration::from_secs(60));
     let mut flaps = 0;
+    // Down 200 ms, up 200 ms: one health-check interval each, so checks see both states.
     while Instant::now() < until {
         redis.stop();
         thread::sleep(Duration::from_millis(200));
@@ -561,8 +586,9 @@ fn flapping_backend_under_load() {
         ok.load(Ordering::SeqCst),
         failed.load(Ordering::SeqCst)
     );
-    legate.wait_ready(Duration::from_secs(10));
-    // Ten consecutive successes once the backend is stable.
+    legate.wait_ready(READY);
+    // Ten consecutive successes once the backend is stable: the next 200 ms check re-admits
+    // it (a passing check ends a passive ejection at once); 15 s is a loaded machine's slack.
     eventually(Duration::from_secs(15), "ten consecutive PONGs", || {
         (0..10).all(|_| redis_ping(addr).ok().as_deref() == Some("PONG"))
     });
@@ -593,6 +619,7 @@ fn fragmenting_and_slow_upstream_is_byte_exact_without_spinning() {
                     return;
                 }
                 if i % 8 == 0 {
+                    // A pause every 8 bytes, so the segments arrive apart.
                     thread::sleep(Duration::from_micros(100));
                 }
             }
@@ -619,7 +646,7 @@ fn fragmenting_and_slow_upstream_is_byte_exact_without_spinning() {
         .listener(Listener::new("frag").upstream(fragmenting.addr()))
         .listener(Listener::new("slow").upstream(slow.addr()))
         .start();
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(READY);
     let probe = Probe::start(&legate);
 
     let mut client = connect(legate.addr("frag"));
@@ -672,7 +699,8 @@ fn endpoint_removed_with_active_connections() {
                 .fast_health(),
         )
         .start();
-    legate.wait_ready(Duration::from_secs(10));
+    legate.wait_ready(READY);
+    // Each endpoint's first check runs at once (200 ms after that): 5 s is slack.
     eventually(Duration::from_secs(5), "both endpoints healthy", || {
         legate
             .metrics()
@@ -692,6 +720,7 @@ fn endpoint_removed_with_active_connections() {
     let tmp = dir.path().join("endpoints.tmp");
     std::fs::write(&tmp, format!("{}\n", a.addr())).unwrap();
     std::fs::rename(&tmp, &file).unwrap();
+    // The watcher's debounce (50 ms, at most 500 ms) and a read; 3 s is slack.
     eventually(Duration::from_secs(3), "gauge shows one endpoint", || {
         let m = legate.metrics();
         m.value("legate_endpoints", &[("state", "healthy")]) == 1.0

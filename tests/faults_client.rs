@@ -311,6 +311,8 @@ fn many_idle_connections_cost_little() {
         fault::pipe_count(probe.pid) <= probe.baseline.pipes + 4 * fault::PIPE_POOL_PER_THREAD,
         "idle connections hold pipes"
     );
+    // Idle for 5 s (10 minutes in the full form): long enough for a timer or poll per
+    // connection to show as CPU.
     let hold = scale(Duration::from_secs(5), Duration::from_secs(600));
     let cpu_before = fault::cpu_time(probe.pid);
     thread::sleep(hold);
@@ -321,6 +323,8 @@ fn many_idle_connections_cost_little() {
     let started = Instant::now();
     let metrics = legate.metrics();
     let scrape = started.elapsed();
+    // A scrape of a few KiB takes milliseconds whatever the connection count; 2 s tells that
+    // from a scrape that walks every connection, with a loaded machine's slack.
     assert!(scrape < Duration::from_secs(2), "/metrics took {scrape:?}");
     assert_eq!(
         metrics.value("legate_connections_active", &[("listener", "redis")]),

@@ -567,6 +567,7 @@ fn flapping_backend_under_load() {
             })
         })
         .collect();
+    // 6 s of flapping (60 s in the full form): fifteen stop/start cycles under load.
     let until = Instant::now() + scale(Duration::from_secs(6), Duration::from_secs(60));
     let mut flaps = 0;
     // Down 200 ms, up 200 ms: one health-check interval each, so checks see both states.

@@ -28,7 +28,7 @@ mod tcp;
 // make this a plain `use`.
 pub(crate) use crate::config::duration::show;
 use crate::config::{CheckKind, HealthConfig};
-use crate::discovery::Health;
+use crate::discovery::{EndpointSet, EndpointState, Health};
 use crate::state::{ListenerState, Shared};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -217,102 +217,20 @@ pub(crate) async fn run(
         let config = listener.config.load_full();
         let health = &config.health;
         let set = listener.endpoints.load();
-        let mut any_change = false;
-        match checker_for(health) {
+        let any_change = match checker_for(health) {
             None => {
                 for endpoint in &set.endpoints {
                     endpoint.state.assume_healthy();
                 }
-                any_change = true;
+                true
             }
+            // Newcomers are checked at once; periodic probes of many endpoints are
+            // spread over up to a tenth of the interval.
             Some(checker) => {
-                let tls = listener.tls.client.load_full();
-                let mut checks = JoinSet::new();
-                for endpoint in &set.endpoints {
-                    if only_new && endpoint.state.health() != Health::Unknown {
-                        continue;
-                    }
-                    let checker = Arc::clone(&checker);
-                    let state = Arc::clone(&endpoint.state);
-                    let addr = endpoint.addr;
-                    let probe = Probe {
-                        addr,
-                        tls: tls.as_ref().map(|tls| {
-                            let target = endpoint.sources.first().map(|source| &**source);
-                            let name =
-                                crate::tls::client::server_name(&tls.config, target, addr.ip());
-                            (Arc::clone(tls), name)
-                        }),
-                    };
-                    let timeout = health.timeout;
-                    // Newcomers are checked at once; periodic probes of many endpoints
-                    // are spread over up to a tenth of the interval.
-                    let spread = if only_new || first {
-                        Duration::ZERO
-                    } else {
-                        health.interval.mul_f64(fastrand::f64() * 0.1)
-                    };
-                    checks.spawn(async move {
-                        tokio::time::sleep(spread).await;
-                        let deadline = Instant::now() + timeout;
-                        let result =
-                            match tokio::time::timeout_at(deadline, checker.check(probe, deadline))
-                                .await
-                            {
-                                Ok(result) => result,
-                                Err(_) => {
-                                    Err(Failure::new(format!("timed out after {}", show(timeout))))
-                                }
-                            };
-                        (addr, state, result)
-                    });
-                }
-                while let Some(joined) = checks.join_next().await {
-                    let (addr, state, result) = match joined {
-                        Ok(checked) => checked,
-                        Err(error) => {
-                            tracing::error!(listener = %listener.name, %error, "health check task failed");
-                            continue;
-                        }
-                    };
-                    let passed = result.is_ok();
-                    listener
-                        .metrics
-                        .health_check(if passed { "pass" } else { "fail" });
-                    let (result, detail, unhealthy_after) = match result {
-                        Ok(detail) => (Ok(()), detail, health.unhealthy_after),
-                        Err(failure) => {
-                            tracing::debug!(listener = %listener.name, endpoint = %addr, reason = %failure.reason, "health check failed");
-                            state.note_failure(failure.unreachable);
-                            let unhealthy_after = if failure.not_eligible {
-                                1
-                            } else {
-                                health.unhealthy_after
-                            };
-                            (Err(failure.reason), failure.detail, unhealthy_after)
-                        }
-                    };
-                    let error = result.as_ref().err().cloned();
-                    if state.record_result(result, detail, health.healthy_after, unhealthy_after) {
-                        any_change = true;
-                        match error {
-                            None => {
-                                tracing::info!(listener = %listener.name, endpoint = %addr, detail = state.detail(), "endpoint is healthy")
-                            }
-                            Some(error) => {
-                                tracing::warn!(listener = %listener.name, endpoint = %addr, %error, "endpoint is unhealthy");
-                                if health.close_on_unhealthy {
-                                    let open =
-                                        state.active.load(std::sync::atomic::Ordering::Relaxed);
-                                    tracing::info!(listener = %listener.name, endpoint = %addr, open, "closing client connections (close_on_unhealthy)");
-                                    state.close_connections();
-                                }
-                            }
-                        }
-                    }
-                }
+                let spread = !(only_new || first);
+                check_round(&listener, checker, health, &set, only_new, spread).await
             }
-        }
+        };
         first = false;
         if any_change {
             listener.endpoints.health_changed.notify_waiters();
@@ -327,4 +245,121 @@ pub(crate) async fn run(
             _ = &mut changed => only_new = true,
         }
     }
+}
+
+/// One round: every endpoint of `set` (with `only_new`, only those never checked) checked
+/// concurrently, each started after a random delay when `spread`. Returns true when an
+/// endpoint's health changed.
+async fn check_round(
+    listener: &ListenerState,
+    checker: Arc<dyn Check>,
+    health: &HealthConfig,
+    set: &EndpointSet,
+    only_new: bool,
+    spread: bool,
+) -> bool {
+    let tls = listener.tls.client.load_full();
+    let mut checks = JoinSet::new();
+    for endpoint in &set.endpoints {
+        if only_new && endpoint.state.health() != Health::Unknown {
+            continue;
+        }
+        let addr = endpoint.addr;
+        let probe = Probe {
+            addr,
+            tls: tls.as_ref().map(|tls| {
+                let target = endpoint.sources.first().map(|source| &**source);
+                let name = crate::tls::client::server_name(&tls.config, target, addr.ip());
+                (Arc::clone(tls), name)
+            }),
+        };
+        let delay = if spread {
+            health.interval.mul_f64(fastrand::f64() * 0.1)
+        } else {
+            Duration::ZERO
+        };
+        checks.spawn(check_one(
+            Arc::clone(&checker),
+            probe,
+            Arc::clone(&endpoint.state),
+            health.timeout,
+            delay,
+        ));
+    }
+    let mut any_change = false;
+    while let Some(joined) = checks.join_next().await {
+        match joined {
+            Ok((addr, state, result)) => {
+                any_change |= record(listener, health, addr, &state, result)
+            }
+            Err(error) => {
+                tracing::error!(listener = %listener.name, %error, "health check task failed")
+            }
+        }
+    }
+    any_change
+}
+
+/// One check of `probe` after `delay`, cut off after `timeout`.
+async fn check_one(
+    checker: Arc<dyn Check>,
+    probe: Probe,
+    state: Arc<EndpointState>,
+    timeout: Duration,
+    delay: Duration,
+) -> (SocketAddr, Arc<EndpointState>, CheckResult) {
+    tokio::time::sleep(delay).await;
+    let addr = probe.addr;
+    let deadline = Instant::now() + timeout;
+    let result = match tokio::time::timeout_at(deadline, checker.check(probe, deadline)).await {
+        Ok(result) => result,
+        Err(_) => Err(Failure::new(format!("timed out after {}", show(timeout)))),
+    };
+    (addr, state, result)
+}
+
+/// Feed one check's result through the rise/fall thresholds into the endpoint's state, and
+/// log (and with `close_on_unhealthy`, act on) a change. Returns true when health changed.
+fn record(
+    listener: &ListenerState,
+    health: &HealthConfig,
+    addr: SocketAddr,
+    state: &EndpointState,
+    result: CheckResult,
+) -> bool {
+    let passed = result.is_ok();
+    listener
+        .metrics
+        .health_check(if passed { "pass" } else { "fail" });
+    let (result, detail, unhealthy_after) = match result {
+        Ok(detail) => (Ok(()), detail, health.unhealthy_after),
+        Err(failure) => {
+            tracing::debug!(listener = %listener.name, endpoint = %addr, reason = %failure.reason, "health check failed");
+            state.note_failure(failure.unreachable);
+            let unhealthy_after = if failure.not_eligible {
+                1
+            } else {
+                health.unhealthy_after
+            };
+            (Err(failure.reason), failure.detail, unhealthy_after)
+        }
+    };
+    let error = result.as_ref().err().cloned();
+    if !state.record_result(result, detail, health.healthy_after, unhealthy_after) {
+        return false;
+    }
+    match error {
+        None => {
+            tracing::info!(listener = %listener.name, endpoint = %addr, detail = state.detail(), "endpoint is healthy")
+        }
+        Some(error) => {
+            tracing::warn!(listener = %listener.name, endpoint = %addr, %error, "endpoint is unhealthy");
+            if health.close_on_unhealthy {
+                let open = state.active.load(std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(listener = %listener.name, endpoint = %addr, open, "closing client connections (close_on_unhealthy)");
+                state.close_connections();
+            }
+        }
+    }
+    true
 }

@@ -15,7 +15,7 @@ use super::stream::UpstreamStream;
 use crate::clock::monotonic_ms;
 use crate::config::duration::show;
 use crate::config::ListenerConfig;
-use crate::discovery::{EndpointSet, EndpointState, Health};
+use crate::discovery::{Endpoint, EndpointSet, EndpointState, Health};
 use crate::state::ListenerState;
 use crate::tls::handshake::{self, Failed};
 use std::net::SocketAddr;
@@ -138,6 +138,62 @@ fn error_reason(error: &std::io::Error) -> &'static str {
     }
 }
 
+/// Dial one endpoint under `connect_timeout`, with the bookkeeping of either outcome: the
+/// dial's time, the end of an ejection on success; on failure the passive ejection, the
+/// counters and a rate-limited warning. The error says why the dial failed.
+async fn try_endpoint(
+    listener: &ListenerState,
+    config: &ListenerConfig,
+    endpoint: &Endpoint,
+) -> Result<Upstream, String> {
+    let started = Instant::now();
+    let result = tokio::time::timeout(
+        config.connect_timeout,
+        dial(
+            listener,
+            endpoint.addr,
+            endpoint.sources.first().map(|s| &**s),
+            config,
+        ),
+    )
+    .await;
+    listener
+        .metrics
+        .connect_seconds
+        .observe(started.elapsed().as_secs_f64());
+    let (reason, error) = match result {
+        Ok(Ok(stream)) => {
+            endpoint.state.connect_succeeded(monotonic_ms());
+            return Ok(Upstream {
+                stream,
+                addr: endpoint.addr,
+                state: Arc::clone(&endpoint.state),
+            });
+        }
+        Ok(Err(failed)) => failed,
+        Err(_) => (
+            "timeout",
+            format!("timed out after {}", show(config.connect_timeout)),
+        ),
+    };
+    let ejected = endpoint.state.connect_failed(monotonic_ms());
+    listener.metrics.connect_failure(&endpoint.addr.to_string());
+    listener.metrics.connect_error(reason);
+    if let Some(suppressed) = listener.warn_limit.allow(monotonic_ms(), 1000) {
+        tracing::warn!(
+            listener = %listener.name,
+            endpoint = %endpoint.addr,
+            %error,
+            reason,
+            ejected_for = %show(ejected),
+            suppressed,
+            "upstream connect failed"
+        );
+    }
+    Err(error)
+}
+
+/// Pick and dial an endpoint, trying the next on failure, up to `connect_attempts`.
 pub(crate) async fn connect(
     listener: &ListenerState,
     config: &ListenerConfig,
@@ -178,52 +234,10 @@ pub(crate) async fn connect(
             break;
         };
         tried[attempt] = index;
-        let endpoint = &set.endpoints[index];
-        let started = Instant::now();
-        let result = tokio::time::timeout(
-            config.connect_timeout,
-            dial(
-                listener,
-                endpoint.addr,
-                endpoint.sources.first().map(|s| &**s),
-                config,
-            ),
-        )
-        .await;
-        listener
-            .metrics
-            .connect_seconds
-            .observe(started.elapsed().as_secs_f64());
-        let (reason, error) = match result {
-            Ok(Ok(stream)) => {
-                endpoint.state.connect_succeeded(monotonic_ms());
-                return Ok(Upstream {
-                    stream,
-                    addr: endpoint.addr,
-                    state: Arc::clone(&endpoint.state),
-                });
-            }
-            Ok(Err(failed)) => failed,
-            Err(_) => (
-                "timeout",
-                format!("timed out after {}", show(config.connect_timeout)),
-            ),
-        };
-        let ejected = endpoint.state.connect_failed(monotonic_ms());
-        listener.metrics.connect_failure(&endpoint.addr.to_string());
-        listener.metrics.connect_error(reason);
-        if let Some(suppressed) = listener.warn_limit.allow(monotonic_ms(), 1000) {
-            tracing::warn!(
-                listener = %listener.name,
-                endpoint = %endpoint.addr,
-                %error,
-                reason,
-                ejected_for = %show(ejected),
-                suppressed,
-                "upstream connect failed"
-            );
+        match try_endpoint(listener, config, &set.endpoints[index]).await {
+            Ok(upstream) => return Ok(upstream),
+            Err(error) => last = Some(error),
         }
-        last = Some(error);
         attempt += 1;
     }
     match last {

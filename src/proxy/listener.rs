@@ -7,7 +7,7 @@
 //! EMFILE back off (5ms doubling to 1s) instead of spinning.
 
 use super::connect::{self, ConnectError};
-use super::ending::End;
+use super::ending::{End, Outcome};
 use super::forward;
 use super::stream::ClientStream;
 use crate::clock::monotonic_ms;
@@ -132,38 +132,9 @@ async fn handle(
     if let Some(size) = config.socket_buffer {
         super::set_buffers(&client, size);
     }
-    // Terminate TLS first (inside this task, under a timeout, so a slow or silent
-    // client never stalls the accept loop); then dial.
-    let client = match listener.tls.server.load_full() {
-        None => ClientStream::Plain(client),
-        Some(server) => {
-            // Boxed: a handshake's state must not size every plaintext connection's task.
-            let handshake = Box::pin(handshake::accept(&server, client, &listener.metrics));
-            let result = tokio::select! {
-                result = handshake => result,
-                _ = connections.cancelled() => return,
-            };
-            match result {
-                Ok(stream) => {
-                    let (_, session) = stream.get_ref();
-                    tracing::debug!(
-                        listener = %listener.name, %peer,
-                        sni = session.server_name().unwrap_or("-"),
-                        client_cert = %crate::tls::certs::subject(session.peer_certificates()),
-                        "TLS accepted"
-                    );
-                    ClientStream::Tls(Box::new(stream))
-                }
-                Err(AcceptError::Failed(Failed { reason, error })) => {
-                    tracing::debug!(listener = %listener.name, %peer, reason, %error, "TLS handshake from client failed");
-                    return;
-                }
-                Err(AcceptError::TimedOut) => {
-                    tracing::debug!(listener = %listener.name, %peer, "TLS handshake from client timed out");
-                    return;
-                }
-            }
-        }
+    // Terminate TLS first, then dial.
+    let Some(client) = accept_client(client, peer, listener, connections).await else {
+        return;
     };
     let dialled = tokio::select! {
         dialled = connect::connect(listener, &config) => dialled,
@@ -211,15 +182,60 @@ async fn handle(
         }
     };
     drop(endpoint);
+    log_end(listener, peer, upstream.addr, &outcome);
+}
+
+/// The client's side of a connection: as accepted, or with TLS terminated (inside the
+/// connection's task, under a timeout, so a slow or silent client never stalls the accept
+/// loop). `None` when the handshake failed or the connections are being closed.
+async fn accept_client(
+    client: TcpStream,
+    peer: SocketAddr,
+    listener: &ListenerState,
+    connections: &CancellationToken,
+) -> Option<ClientStream> {
+    let Some(server) = listener.tls.server.load_full() else {
+        return Some(ClientStream::Plain(client));
+    };
+    // Boxed: a handshake's state must not size every plaintext connection's task.
+    let handshake = Box::pin(handshake::accept(&server, client, &listener.metrics));
+    let result = tokio::select! {
+        result = handshake => result,
+        _ = connections.cancelled() => return None,
+    };
+    match result {
+        Ok(stream) => {
+            let (_, session) = stream.get_ref();
+            tracing::debug!(
+                listener = %listener.name, %peer,
+                sni = session.server_name().unwrap_or("-"),
+                client_cert = %crate::tls::certs::subject(session.peer_certificates()),
+                "TLS accepted"
+            );
+            Some(ClientStream::Tls(Box::new(stream)))
+        }
+        Err(AcceptError::Failed(Failed { reason, error })) => {
+            tracing::debug!(listener = %listener.name, %peer, reason, %error, "TLS handshake from client failed");
+            None
+        }
+        Err(AcceptError::TimedOut) => {
+            tracing::debug!(listener = %listener.name, %peer, "TLS handshake from client timed out");
+            None
+        }
+    }
+}
+
+/// How a forwarded connection ended, at debug level.
+fn log_end(listener: &ListenerState, peer: SocketAddr, upstream: SocketAddr, outcome: &Outcome) {
     match &outcome.end {
         End::Reset { from, error } => tracing::debug!(
-            listener = %listener.name, %peer, upstream = %upstream.addr,
+            listener = %listener.name, %peer, %upstream,
             from = from.as_str(), %error,
             sent = outcome.upstream_bytes, received = outcome.downstream_bytes,
             "connection reset"
         ),
         end => tracing::debug!(
-            listener = %listener.name, %peer, upstream = %upstream.addr, ?end,
+            listener = %listener.name, %peer, %upstream, ?end,
             sent = outcome.upstream_bytes, received = outcome.downstream_bytes,
             "connection closed"
         ),

@@ -9,12 +9,12 @@
 //! the file appears.
 
 use super::dns::DnsResolver;
-use super::endpoint_file::{parse_endpoint_file, Host, MAX_ENDPOINT_FILE_BYTES};
+use super::endpoint_file::{parse_endpoint_file, EndpointLine, Host, MAX_ENDPOINT_FILE_BYTES};
 use super::EndpointSpec;
 use crate::state::{ListenerState, Shared};
 use crate::watch::{read_capped, FileWatch, LastContents, LastProblem};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 /// Backstop re-read period for when inotify events are lost.
 const POLL: Duration = Duration::from_secs(10);
 
+/// Keep `listener`'s endpoints for `target` (`file:PATH`) in line with the file at `path`
+/// until cancelled.
 pub(crate) async fn run(
     resolver: Arc<DnsResolver>,
     listener: Arc<ListenerState>,
@@ -31,11 +33,17 @@ pub(crate) async fn run(
     token: CancellationToken,
 ) {
     let mut watch = FileWatch::new(&path, POLL);
-    let mut reader = Reader::default();
+    let mut reader = Reader {
+        resolver,
+        listener,
+        shared,
+        target,
+        path,
+        contents: LastContents::default(),
+        problem: LastProblem::default(),
+    };
     loop {
-        reader
-            .read(&resolver, &listener, &shared, &target, &path)
-            .await;
+        reader.read().await;
         tokio::select! {
             _ = token.cancelled() => return,
             _ = watch.changed() => {}
@@ -43,8 +51,13 @@ pub(crate) async fn run(
     }
 }
 
-#[derive(Default)]
+/// One endpoint file's reader: what it feeds, and what it remembers between reads.
 struct Reader {
+    resolver: Arc<DnsResolver>,
+    listener: Arc<ListenerState>,
+    shared: Arc<Shared>,
+    target: String,
+    path: PathBuf,
     /// Bytes of the last file we acted on (applied or refused), to skip re-reads.
     contents: LastContents<Vec<u8>>,
     /// The last problem reported, so a persisting problem is logged once.
@@ -52,28 +65,15 @@ struct Reader {
 }
 
 impl Reader {
-    async fn read(
-        &mut self,
-        resolver: &DnsResolver,
-        listener: &ListenerState,
-        shared: &Shared,
-        target: &str,
-        path: &Path,
-    ) {
-        let bytes = match read_capped(path, MAX_ENDPOINT_FILE_BYTES) {
+    /// Read the file and apply it if it changed and is valid whole.
+    async fn read(&mut self) {
+        let path = self.path.display();
+        let bytes = match read_capped(&self.path, MAX_ENDPOINT_FILE_BYTES) {
             Ok(Some(bytes)) => bytes,
             Ok(None) => {
-                return self.problem(
-                    listener,
-                    shared,
-                    target,
-                    format!(
-                        "{}: larger than {} bytes; refused",
-                        path.display(),
-                        MAX_ENDPOINT_FILE_BYTES
-                    ),
-                    None,
-                )
+                let message =
+                    format!("{path}: larger than {MAX_ENDPOINT_FILE_BYTES} bytes; refused");
+                return self.problem(message, None);
             }
             Err(error) => {
                 let what = if error.kind() == std::io::ErrorKind::NotFound {
@@ -81,101 +81,96 @@ impl Reader {
                 } else {
                     format!("cannot be read: {error}")
                 };
+                let message = format!("{path}: {what}");
                 self.contents.set(None);
-                return self.problem(
-                    listener,
-                    shared,
-                    target,
-                    format!("{}: {what}", path.display()),
-                    None,
-                );
+                return self.problem(message, None);
             }
         };
         if bytes.is_empty() {
-            tracing::debug!(path = %path.display(), "zero-byte endpoint file: a write in progress; ignored");
+            tracing::debug!(path = %path, "zero-byte endpoint file: a write in progress; ignored");
             return;
         }
         if self.contents.is(&bytes) {
             return;
         }
-        let parsed = std::str::from_utf8(&bytes)
-            .map_err(|error| format!("not UTF-8 text (at byte {})", error.valid_up_to()))
-            .and_then(|text| {
-                parse_endpoint_file(text).map_err(|error| {
-                    if error.line == 0 {
-                        error.message
-                    } else {
-                        format!("{}: {}", error.line, error.message)
-                    }
-                })
-            });
-        let lines = match parsed {
+        let lines = match parse(&bytes) {
             Ok(lines) => lines,
             Err(message) => {
-                return self.problem(
-                    listener,
-                    shared,
-                    target,
-                    format!("{}:{message}", path.display()),
-                    Some(bytes),
-                )
+                let message = format!("{path}:{message}");
+                return self.problem(message, Some(bytes));
             }
         };
-        let mut specs = Vec::with_capacity(lines.len());
-        for line in lines {
-            let addrs: Vec<SocketAddr> = match &line.host {
-                Host::Ip(ip) => vec![SocketAddr::new(*ip, line.port)],
-                Host::Name(name) => match resolver.addresses(name, line.port).await {
-                    Ok(addrs) => addrs,
-                    Err(error) => {
-                        return self.problem(
-                            listener,
-                            shared,
-                            target,
-                            format!("{}: cannot resolve {error}", path.display()),
-                            None,
-                        )
-                    }
-                },
-            };
-            for addr in addrs {
-                if !specs.iter().any(|s: &EndpointSpec| s.addr == addr) {
-                    specs.push(EndpointSpec {
-                        addr,
-                        weight: line.weight,
-                        backup: line.backup,
-                    });
-                }
+        let specs = match resolve(&self.resolver, lines).await {
+            Ok(specs) => specs,
+            Err(error) => {
+                let message = format!("{}: cannot resolve {error}", self.path.display());
+                return self.problem(message, None);
             }
-        }
+        };
         let count = specs.len();
-        let changed = listener.endpoints.update(target, specs);
-        shared.metrics.reload("file", true);
+        let changed = self.listener.endpoints.update(&self.target, specs);
+        self.shared.metrics.reload("file", true);
         self.contents.set(Some(bytes));
         self.problem.clear();
         if changed {
-            tracing::info!(listener = %listener.name, path = %path.display(), endpoints = count, "endpoint file applied");
-            shared.readiness_changed.notify_one();
+            tracing::info!(listener = %self.listener.name, path = %self.path.display(), endpoints = count, "endpoint file applied");
+            self.shared.readiness_changed.notify_one();
         }
     }
 
-    fn problem(
-        &mut self,
-        listener: &ListenerState,
-        shared: &Shared,
-        target: &str,
-        message: String,
-        bytes: Option<Vec<u8>>,
-    ) {
+    /// The file is refused (`bytes`: its contents, when they are the problem): keep the
+    /// last good set, and log and count the problem unless it is the one last reported.
+    fn problem(&mut self, message: String, bytes: Option<Vec<u8>>) {
         if bytes.is_some() {
             self.contents.set(bytes);
         }
-        listener.endpoints.source_failed(target, message.clone());
+        self.listener
+            .endpoints
+            .source_failed(&self.target, message.clone());
         if !self.problem.is_new(&message) {
             return;
         }
-        shared.metrics.reload("file", false);
-        tracing::warn!(listener = %listener.name, error = %message, "endpoint file refused; keeping the last good set");
-        shared.readiness_changed.notify_one();
+        self.shared.metrics.reload("file", false);
+        tracing::warn!(listener = %self.listener.name, error = %message, "endpoint file refused; keeping the last good set");
+        self.shared.readiness_changed.notify_one();
     }
+}
+
+/// The file's lines, or what is wrong with them (`LINE: what`, or just `what` for the file
+/// as a whole).
+fn parse(bytes: &[u8]) -> Result<Vec<EndpointLine>, String> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|error| format!("not UTF-8 text (at byte {})", error.valid_up_to()))?;
+    parse_endpoint_file(text).map_err(|error| {
+        if error.line == 0 {
+            error.message
+        } else {
+            format!("{}: {}", error.line, error.message)
+        }
+    })
+}
+
+/// The endpoints the lines name, host names resolved; an address named twice is kept
+/// once, with its first line's weight and backup flag.
+async fn resolve(
+    resolver: &DnsResolver,
+    lines: Vec<EndpointLine>,
+) -> Result<Vec<EndpointSpec>, String> {
+    let mut specs = Vec::with_capacity(lines.len());
+    for line in lines {
+        let addrs: Vec<SocketAddr> = match &line.host {
+            Host::Ip(ip) => vec![SocketAddr::new(*ip, line.port)],
+            Host::Name(name) => resolver.addresses(name, line.port).await?,
+        };
+        for addr in addrs {
+            if !specs.iter().any(|s: &EndpointSpec| s.addr == addr) {
+                specs.push(EndpointSpec {
+                    addr,
+                    weight: line.weight,
+                    backup: line.backup,
+                });
+            }
+        }
+    }
+    Ok(specs)
 }

@@ -138,71 +138,79 @@ fn route(shared: &Shared, request: &Request<Incoming>, peer: SocketAddr) -> Resp
         return response;
     }
     match path {
-        "/ready" => {
-            let reasons = ready::reasons(shared);
-            let mut response = if reasons.is_empty() {
-                ready::latch_started(shared);
-                text(StatusCode::OK, "ready\n")
-            } else {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &(reasons.join("\n") + "\n"),
-                )
-            };
-            // Which SidecarSet container answers: `legate wait --handover` needs it.
-            if let Some(version) = shared
-                .sidecarset_version
-                .as_deref()
-                .and_then(|version| HeaderValue::from_str(version).ok())
-            {
-                response
-                    .headers_mut()
-                    .insert(crate::wait::VERSION_HEADER, version);
-            }
-            response
-        }
-        "/startup" => {
-            if ready::reasons(shared).is_empty() {
-                ready::latch_started(shared);
-            }
-            if shared.started.load(std::sync::atomic::Ordering::Relaxed) {
-                text(StatusCode::OK, "started\n")
-            } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready yet\n")
-            }
-        }
+        "/ready" => ready(shared),
+        "/startup" => startup(shared),
         "/live" => text(StatusCode::OK, "live\n"),
-        "/metrics" => {
-            let mut response = Response::new(Full::new(Bytes::from(shared.metrics.render())));
-            response.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            response
-        }
-        "/endpoints" => {
-            let mut response = Response::new(Full::new(Bytes::from(endpoints::render(shared))));
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            response
-        }
-        "/quitquitquit" => {
-            // In a Pod the admin port listens on the Pod IP for the kubelet's probes;
-            // only a process inside the Pod (loopback) may stop legate.
-            if !peer.ip().is_loopback() {
-                tracing::warn!(%peer, "POST /quitquitquit refused: not from loopback");
-                return text(
-                    StatusCode::FORBIDDEN,
-                    "state-changing requests are accepted from loopback only\n",
-                );
-            }
-            tracing::info!("shutdown requested on the admin port");
-            shared.shutdown.cancel();
-            text(StatusCode::OK, "draining\n")
-        }
+        "/metrics" => typed(
+            shared.metrics.render(),
+            "text/plain; version=0.0.4; charset=utf-8",
+        ),
+        "/endpoints" => typed(endpoints::render(shared), "application/json"),
+        "/quitquitquit" => quit(shared, peer),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// `/ready`: 200, or 503 with one reason per line.
+fn ready(shared: &Shared) -> Response<Full<Bytes>> {
+    let reasons = ready::reasons(shared);
+    let mut response = if reasons.is_empty() {
+        ready::latch_started(shared);
+        text(StatusCode::OK, "ready\n")
+    } else {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &(reasons.join("\n") + "\n"),
+        )
+    };
+    // Which SidecarSet container answers: `legate wait --handover` needs it.
+    if let Some(version) = shared
+        .sidecarset_version
+        .as_deref()
+        .and_then(|version| HeaderValue::from_str(version).ok())
+    {
+        response
+            .headers_mut()
+            .insert(crate::wait::VERSION_HEADER, version);
+    }
+    response
+}
+
+/// `/startup`: 200 from the first time the process was ready on.
+fn startup(shared: &Shared) -> Response<Full<Bytes>> {
+    if ready::reasons(shared).is_empty() {
+        ready::latch_started(shared);
+    }
+    if shared.started.load(std::sync::atomic::Ordering::Relaxed) {
+        text(StatusCode::OK, "started\n")
+    } else {
+        text(StatusCode::SERVICE_UNAVAILABLE, "not ready yet\n")
+    }
+}
+
+/// `POST /quitquitquit`: drain and exit, as on SIGTERM.
+fn quit(shared: &Shared, peer: SocketAddr) -> Response<Full<Bytes>> {
+    // In a Pod the admin port listens on the Pod IP for the kubelet's probes;
+    // only a process inside the Pod (loopback) may stop legate.
+    if !peer.ip().is_loopback() {
+        tracing::warn!(%peer, "POST /quitquitquit refused: not from loopback");
+        return text(
+            StatusCode::FORBIDDEN,
+            "state-changing requests are accepted from loopback only\n",
+        );
+    }
+    tracing::info!("shutdown requested on the admin port");
+    shared.shutdown.cancel();
+    text(StatusCode::OK, "draining\n")
+}
+
+/// A 200 with `body` of `content_type`.
+fn typed(body: Vec<u8>, content_type: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

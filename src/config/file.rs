@@ -438,8 +438,11 @@ fn validate(raw: RawFile, source: &Source<'_>) -> Result<Config, ConfigError> {
         ));
     }
 
-    // Name and listen spans of the listeners seen so far, for duplicate errors.
-    let mut seen: Vec<(String, Range<usize>, SocketAddr, Range<usize>)> = Vec::new();
+    let mut claimed = Claimed {
+        admin: admin.listen,
+        admin_span: admin_listen_span,
+        listeners: Vec::new(),
+    };
     let mut validated = Vec::with_capacity(raw_listeners.len());
     for raw_listener in raw_listeners {
         let listener_span = raw_listener.span();
@@ -447,8 +450,38 @@ fn validate(raw: RawFile, source: &Source<'_>) -> Result<Config, ConfigError> {
         let name_span = raw_listener.name.span();
         let listen_span = raw_listener.listen.span();
         let listener = validate_listener(raw_listener, listener_span, source)?;
+        claimed.claim(&listener, name_span, listen_span, source)?;
+        validated.push(listener);
+    }
 
-        for (other_name, other_name_span, other_listen, other_listen_span) in &seen {
+    Ok(Config {
+        admin,
+        runtime,
+        dns,
+        listeners: validated,
+    })
+}
+
+/// The names and listen addresses taken so far (the admin server's too), with the spans
+/// a duplicate's error points back at.
+struct Claimed {
+    admin: SocketAddr,
+    /// `None` when `admin.listen` was not written (the default address).
+    admin_span: Option<Range<usize>>,
+    /// Name, its span, listen address, its span.
+    listeners: Vec<(String, Range<usize>, SocketAddr, Range<usize>)>,
+}
+
+impl Claimed {
+    /// Take `listener`'s name and listen address, or say which earlier one has it.
+    fn claim(
+        &mut self,
+        listener: &ListenerConfig,
+        name_span: Range<usize>,
+        listen_span: Range<usize>,
+        source: &Source<'_>,
+    ) -> Result<(), ConfigError> {
+        for (other_name, other_name_span, other_listen, other_listen_span) in &self.listeners {
             if *other_name == listener.name {
                 return Err(source.error(
                     name_span,
@@ -470,10 +503,10 @@ fn validate(raw: RawFile, source: &Source<'_>) -> Result<Config, ConfigError> {
                 ));
             }
         }
-        if let Some(how) = listen_conflict(admin.listen, listener.listen) {
+        if let Some(how) = listen_conflict(self.admin, listener.listen) {
             return Err(source.error(
                 listen_span.clone(),
-                match &admin_listen_span {
+                match &self.admin_span {
                     Some(span) => format!(
                         "listen address {} {how} admin.listen (line {})",
                         listener.listen,
@@ -487,21 +520,14 @@ fn validate(raw: RawFile, source: &Source<'_>) -> Result<Config, ConfigError> {
                 },
             ));
         }
-        seen.push((
+        self.listeners.push((
             listener.name.clone(),
             name_span,
             listener.listen,
             listen_span,
         ));
-        validated.push(listener);
+        Ok(())
     }
-
-    Ok(Config {
-        admin,
-        runtime,
-        dns,
-        listeners: validated,
-    })
 }
 
 /// Whether two listen addresses would collide when bound, and how to say so
@@ -599,22 +625,7 @@ fn validate_listener(
     validate_name(&name).map_err(|why| source.error(name_span.clone(), why))?;
     let listen = raw.listen.into_inner().0 .0;
 
-    let upstream = match raw.upstream {
-        None => {
-            return Err(source.error(
-                listener_span,
-                format!("listener {name:?} has no upstream: add upstream = [\"HOST:PORT\"]"),
-            ))
-        }
-        Some(upstream) => {
-            let span = upstream.span();
-            match upstream.into_inner() {
-                Upstream::One(target) => vec![target],
-                Upstream::Many(targets) => unique_targets(targets, &name, span, source)?,
-            }
-        }
-    };
-
+    let upstream = validate_upstream(raw.upstream, &name, listener_span, source)?;
     let mut listener = ListenerConfig::with_defaults(name, listen, upstream);
     if let Some(balance) = raw.balance {
         listener.balance = balance.0;
@@ -635,27 +646,10 @@ fn validate_listener(
         listener.idle_timeout = Some(timeout.into_inner().0);
     }
     if let Some(timeout) = raw.tcp_user_timeout {
-        let span = timeout.span();
-        let timeout = positive(timeout, "tcp_user_timeout", source)?;
-        // The kernel takes milliseconds in a 32-bit int.
-        if timeout > MAX_TCP_USER_TIMEOUT {
-            return Err(source.error(span, "tcp_user_timeout must be at most 24h"));
-        }
-        listener.tcp_user_timeout = timeout;
+        listener.tcp_user_timeout = validate_tcp_user_timeout(timeout, source)?;
     }
     if let Some(size) = raw.socket_buffer {
-        let span = size.span();
-        let size = size.into_inner();
-        if !(MIN_SOCKET_BUFFER..=MAX_SOCKET_BUFFER).contains(&size) {
-            return Err(source.error(
-                span,
-                format!(
-                    "socket_buffer is {size} bytes; it must be from {MIN_SOCKET_BUFFER} (4 KiB) \
-                     to {MAX_SOCKET_BUFFER} (64 MiB); leave it out for the kernel's autotuning"
-                ),
-            ));
-        }
-        listener.socket_buffer = u32::try_from(size).ok();
+        listener.socket_buffer = validate_socket_buffer(size, source)?;
     }
     if let Some(max) = raw.max_connections {
         listener.max_connections = at_least_one(max, "max_connections", source)?;
@@ -679,6 +673,57 @@ fn validate_listener(
             .map_or(TlsVersion::Tls12, |version| version.0),
     });
     Ok(listener)
+}
+
+/// A listener's targets: at least one, none twice.
+fn validate_upstream(
+    raw: Option<Spanned<Upstream>>,
+    name: &str,
+    listener_span: Range<usize>,
+    source: &Source<'_>,
+) -> Result<Vec<Target>, ConfigError> {
+    let Some(upstream) = raw else {
+        return Err(source.error(
+            listener_span,
+            format!("listener {name:?} has no upstream: add upstream = [\"HOST:PORT\"]"),
+        ));
+    };
+    let span = upstream.span();
+    match upstream.into_inner() {
+        Upstream::One(target) => Ok(vec![target]),
+        Upstream::Many(targets) => unique_targets(targets, name, span, source),
+    }
+}
+
+fn validate_tcp_user_timeout(
+    raw: Spanned<Text<Duration>>,
+    source: &Source<'_>,
+) -> Result<Duration, ConfigError> {
+    let span = raw.span();
+    let timeout = positive(raw, "tcp_user_timeout", source)?;
+    // The kernel takes milliseconds in a 32-bit int.
+    if timeout > MAX_TCP_USER_TIMEOUT {
+        return Err(source.error(span, "tcp_user_timeout must be at most 24h"));
+    }
+    Ok(timeout)
+}
+
+fn validate_socket_buffer(
+    raw: Spanned<u64>,
+    source: &Source<'_>,
+) -> Result<Option<u32>, ConfigError> {
+    let span = raw.span();
+    let size = raw.into_inner();
+    if !(MIN_SOCKET_BUFFER..=MAX_SOCKET_BUFFER).contains(&size) {
+        return Err(source.error(
+            span,
+            format!(
+                "socket_buffer is {size} bytes; it must be from {MIN_SOCKET_BUFFER} (4 KiB) \
+                 to {MAX_SOCKET_BUFFER} (64 MiB); leave it out for the kernel's autotuning"
+            ),
+        ));
+    }
+    Ok(u32::try_from(size).ok())
 }
 
 /// Listener names become metric labels and log fields, so keep them plain.

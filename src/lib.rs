@@ -13,7 +13,8 @@
 //! - `balance`: picking an endpoint (round-robin, least-conn, random, first).
 //! - `health`: active checks with rise/fall thresholds.
 //! - `proxy`: accept loop, connect with failover, forwarding (splice on Linux).
-//! - `tls`: rustls origination and termination, certificate loading and reload.
+//! - `tls`: rustls origination and termination, certificate loading and reload, and the
+//!   handshakes of a proxied connection with their metrics.
 //! - `admin`: the admin HTTP server (/ready, /startup, /live, /metrics, /endpoints).
 //! - `metrics`: the Prometheus registry and metric names.
 //! - `state`: the shared state the data plane and admin read.
@@ -25,6 +26,11 @@
 //! - `clock`: the process's monotonic millisecond clock.
 //!
 //! `fuzzing` (hidden) is the fuzz targets' door to the private parsers.
+//!
+//! Public is only what the binary, the tests and the fuzz targets use: `cli`, `config`,
+//! `discovery::endpoint_file`, `lifecycle::{Source, run}`, `logging::init`,
+//! `metrics::install_panic_hook`, `wait` and `fuzzing`. Everything else is `pub(crate)`, so
+//! the compiler points at dead code.
 //
 // Unsafe code: only `proxy::splice` may use it (two syscalls). `forbid` cannot be relaxed by
 // an inner `allow`, so it cannot sit at this root above splice.rs's `#![allow(unsafe_code)]`;

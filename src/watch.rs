@@ -193,8 +193,6 @@ pub(crate) struct LastContents<T> {
 
 impl<T: PartialEq> LastContents<T> {
     /// Start from `initial`, the contents already in use (`None`: nothing yet).
-    // TODO(lifecycle owner): drop this once lifecycle/mod.rs and tls_reload.rs use it.
-    #[cfg_attr(not(test), expect(dead_code, reason = "the lifecycle adopts it next"))]
     pub(crate) fn new(initial: Option<T>) -> LastContents<T> {
         LastContents { last: initial }
     }
@@ -210,8 +208,6 @@ impl<T: PartialEq> LastContents<T> {
     }
 
     /// Remember `now` when it differs from what was last acted on; true when it did.
-    // TODO(lifecycle owner): drop this once lifecycle/mod.rs and tls_reload.rs use it.
-    #[cfg_attr(not(test), expect(dead_code, reason = "the lifecycle adopts it next"))]
     pub(crate) fn changed(&mut self, now: T) -> bool {
         if self.is(&now) {
             return false;

@@ -36,7 +36,7 @@ use crate::admin;
 use crate::config::{Config, Handoff, ListenerConfig};
 use crate::discovery::dns::DnsResolver;
 use crate::state::Shared;
-use crate::watch::FileWatch;
+use crate::watch::{FileWatch, LastContents};
 use handover::protocol::Role;
 use listeners::Listeners;
 use signals::{Event, Signals};
@@ -223,11 +223,8 @@ pub async fn run(config: Config, source: Source, command: Vec<String>) -> Result
         .path
         .as_ref()
         .map(|path| FileWatch::new(path, CONFIG_POLL));
-    let mut last_config_bytes = listeners
-        .source
-        .path
-        .as_ref()
-        .and_then(|path| std::fs::read(path).ok());
+    let read_config = |source: &Source| source.path.as_ref().and_then(|p| std::fs::read(p).ok());
+    let mut config_bytes = LastContents::new(read_config(&listeners.source));
     let mut app = (!command.is_empty()).then(|| supervise::App::new(command));
     // Supervise mode: a stop asked for while the app runs goes on to the app, and legate
     // drains once the app has exited (the app may need legate to finish its work).
@@ -285,7 +282,7 @@ pub async fn run(config: Config, source: Source, command: Vec<String>) -> Result
                         continue;
                     }
                     tracing::info!("SIGHUP: reloading the configuration");
-                    last_config_bytes = listeners.source.path.as_ref().and_then(|p| std::fs::read(p).ok());
+                    config_bytes.set(read_config(&listeners.source));
                     listeners.reload().await;
                 }
             },
@@ -313,11 +310,10 @@ pub async fn run(config: Config, source: Source, command: Vec<String>) -> Result
                 }
             },
             _ = config_changed => {
-                let bytes = listeners.source.path.as_ref().and_then(|p| std::fs::read(p).ok());
                 // A missing or empty file is a write in progress or a mistake: the
                 // running configuration stays, and the next change is picked up.
-                if bytes.as_ref().is_some_and(|b| !b.is_empty()) && bytes != last_config_bytes {
-                    last_config_bytes = bytes;
+                let bytes = read_config(&listeners.source).filter(|b| !b.is_empty());
+                if bytes.is_some_and(|bytes| config_bytes.changed(bytes)) {
                     tracing::info!("configuration file changed: reloading");
                     listeners.reload().await;
                 }

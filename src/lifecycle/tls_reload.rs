@@ -4,7 +4,7 @@
 
 use crate::state::{ListenerState, Shared};
 use crate::tls;
-use crate::watch::FileWatch;
+use crate::watch::{FileWatch, LastContents, LastProblem};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -24,25 +24,24 @@ pub(super) async fn watch(
         return;
     }
     let mut watches: Vec<FileWatch> = paths.iter().map(|p| FileWatch::new(p, POLL)).collect();
-    let mut last: Vec<Option<Vec<u8>>> = paths.iter().map(|p| std::fs::read(p).ok()).collect();
-    let mut last_error: Option<String> = None;
+    let read = || -> Vec<Option<Vec<u8>>> { paths.iter().map(|p| std::fs::read(p).ok()).collect() };
+    let mut contents = LastContents::new(Some(read()));
+    let mut problem = LastProblem::default();
     loop {
         let changed = futures_any(&mut watches);
         tokio::select! {
             _ = token.cancelled() => return,
             _ = changed => {}
         }
-        let now: Vec<Option<Vec<u8>>> = paths.iter().map(|p| std::fs::read(p).ok()).collect();
-        if now == last {
+        if !contents.changed(read()) {
             continue;
         }
-        last = now;
         let config = listener.config.load_full();
         match listener.tls.rebuild(&config) {
             Ok(expiries) => {
                 tls::publish_expiries(&shared.metrics, &listener.name, &expiries);
                 shared.metrics.reload("tls", true);
-                last_error = None;
+                problem.clear();
                 tracing::info!(listener = %listener.name, "TLS material reloaded; new handshakes use it");
             }
             Err(error) => {
@@ -50,9 +49,8 @@ pub(super) async fn watch(
                 // A cert and key written one after the other pass through a mismatched
                 // state; count it, but log a persisting problem once.
                 shared.metrics.reload("tls", false);
-                if last_error.as_ref() != Some(&message) {
+                if problem.is_new(&message) {
                     tracing::warn!(listener = %listener.name, %error, "TLS material refused; keeping the previous certificates");
-                    last_error = Some(message);
                 }
             }
         }

@@ -272,6 +272,43 @@ fn wait_ready(node: &mut Node, admin: SocketAddr, timeout: Duration) {
     }
 }
 
+/// The common set-up: a redis-server and a config with one `redis` listener in front of
+/// it, on free ports, in a temporary directory.
+struct OneRedis {
+    redis: RedisServer,
+    dir: tempfile::TempDir,
+    admin: SocketAddr,
+    port: u16,
+    addr: SocketAddr,
+    config: String,
+}
+
+impl OneRedis {
+    fn new() -> OneRedis {
+        let redis = RedisServer::start();
+        let dir = tempfile::tempdir().unwrap();
+        let admin = local(free_port());
+        let port = free_port();
+        let config = write_config(
+            dir.path(),
+            "legate.toml",
+            &format!(
+                "{}{}",
+                admin_toml(admin, ""),
+                listener_toml("redis", port, redis.addr(), "")
+            ),
+        );
+        OneRedis {
+            redis,
+            dir,
+            admin,
+            port,
+            addr: local(port),
+            config,
+        }
+    }
+}
+
 fn write_config(dir: &Path, name: &str, text: &str) -> String {
     let path = dir.join(name);
     std::fs::write(&path, text).expect("write config");
@@ -1177,20 +1214,14 @@ fn collect_pongs(streams: &mut [TcpStream], pids: &[u32]) -> BTreeMap<String, us
 #[test]
 fn a_connection_queued_in_the_backlog_is_served() {
     let _machine = shared();
-    let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let admin = local(free_port());
-    let port = free_port();
-    let addr = local(port);
-    let config = write_config(
-        dir.path(),
-        "legate.toml",
-        &format!(
-            "{}{}",
-            admin_toml(admin, ""),
-            listener_toml("redis", port, redis.addr(), "")
-        ),
-    );
+    let OneRedis {
+        redis: _redis,
+        dir: _dir,
+        admin,
+        port: _port,
+        addr,
+        config,
+    } = OneRedis::new();
     let mut old = Node::run("legate (old)", &config);
     wait_ready(&mut old, admin, T);
     ping_ok(addr, "before the handover");
@@ -1671,20 +1702,14 @@ fn a_stale_handoff_socket_path_is_not_an_obstacle() {
 #[test]
 fn two_newcomers_racing_one_wins() {
     let _machine = shared();
-    let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let admin = local(free_port());
-    let port = free_port();
-    let addr = local(port);
-    let config = write_config(
-        dir.path(),
-        "legate.toml",
-        &format!(
-            "{}{}",
-            admin_toml(admin, ""),
-            listener_toml("redis", port, redis.addr(), "")
-        ),
-    );
+    let OneRedis {
+        redis: _redis,
+        dir: _dir,
+        admin,
+        port: _port,
+        addr,
+        config,
+    } = OneRedis::new();
     let t0 = Instant::now();
     let mut old = Node::run("legate (old)", &config);
     wait_ready(&mut old, admin, T);
@@ -1982,20 +2007,14 @@ fn wait_handover_cmd(admin: SocketAddr, version: Option<&str>, timeout: &str) ->
 #[test]
 fn sidecarset_decision_table() {
     let _machine = shared();
-    let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let admin = local(free_port());
-    let port = free_port();
-    let addr = local(port);
-    let config = write_config(
-        dir.path(),
-        "legate.toml",
-        &format!(
-            "{}{}",
-            admin_toml(admin, ""),
-            listener_toml("redis", port, redis.addr(), "")
-        ),
-    );
+    let OneRedis {
+        redis: _redis,
+        dir: _dir,
+        admin,
+        port,
+        addr,
+        config,
+    } = OneRedis::new();
     let handoff = default_handoff_name(admin);
 
     // (a) The "empty" container of a fresh Pod (VERSION=0) starts first: it binds nothing.

@@ -12,14 +12,31 @@ use common::*;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-/// One PING over a fresh connection, with timeouts short enough for a tight loop.
-fn ping(addr: SocketAddr) -> Result<(), String> {
+/// Readiness turning either way: the default check runs every 5 s and the failure needs
+/// `unhealthy_after` 2 of them, so 10 s, plus slack for a loaded 2-core machine.
+const READINESS: Duration = Duration::from_secs(15);
+/// How long the backend stays down: long enough for clients to fail several times and
+/// for the endpoint to be ejected (1 s first back-off), as in the issue's 3 s outage.
+const OUTAGE: Duration = Duration::from_secs(3);
+/// Only to report how late a recovery was, if the first connection failed: generous, it
+/// never bounds a passing run.
+const RECOVERY_REPORT: Duration = Duration::from_secs(30);
+
+/// A fresh connection with timeouts short enough for a tight loop (2 s: a PING answers in
+/// well under a millisecond; a dial through legate is bounded by its 1 s connect_timeout).
+fn fresh(addr: SocketAddr) -> Result<redis::Connection, String> {
     let client = redis::Client::open(format!("redis://{addr}/")).map_err(|e| e.to_string())?;
-    let mut con = client
+    let con = client
         .get_connection_with_timeout(Duration::from_secs(2))
         .map_err(|e| e.to_string())?;
     con.set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(|e| e.to_string())?;
+    Ok(con)
+}
+
+/// One PING over a fresh connection.
+fn ping(addr: SocketAddr) -> Result<(), String> {
+    let mut con = fresh(addr)?;
     let pong: String = redis::cmd("PING")
         .query(&mut con)
         .map_err(|e| e.to_string())?;
@@ -30,12 +47,7 @@ fn ping(addr: SocketAddr) -> Result<(), String> {
 
 /// The role (`master`/`slave`) of the server a fresh connection through `addr` reaches.
 fn role(addr: SocketAddr) -> Result<String, String> {
-    let client = redis::Client::open(format!("redis://{addr}/")).map_err(|e| e.to_string())?;
-    let mut con = client
-        .get_connection_with_timeout(Duration::from_secs(2))
-        .map_err(|e| e.to_string())?;
-    con.set_read_timeout(Some(Duration::from_secs(2)))
-        .map_err(|e| e.to_string())?;
+    let mut con = fresh(addr)?;
     let role: redis::Value = redis::cmd("ROLE")
         .query(&mut con)
         .map_err(|e| e.to_string())?;
@@ -55,7 +67,7 @@ fn the_first_connection_after_a_lone_backend_returns_succeeds() {
     let mut legate = Legate::builder()
         .listener(Listener::new("redis").upstream(redis.addr()))
         .start();
-    legate.wait_ready(Duration::from_secs(15));
+    legate.wait_ready(READINESS);
     let through = legate.addr("redis");
     ping(through).expect("PING through legate before any outage");
 
@@ -66,7 +78,7 @@ fn the_first_connection_after_a_lone_backend_returns_succeeds() {
         // endpoint gets passively ejected and, at the next check, unhealthy.
         let down_since = Instant::now();
         let mut failed = 0;
-        while down_since.elapsed() < Duration::from_secs(3) {
+        while down_since.elapsed() < OUTAGE {
             assert!(
                 ping(through).is_err(),
                 "cycle {cycle}: a PING through legate succeeded with Redis down"
@@ -75,7 +87,7 @@ fn the_first_connection_after_a_lone_backend_returns_succeeds() {
             std::thread::sleep(Duration::from_millis(50));
         }
         assert!(failed > 0);
-        legate.wait_not_ready(Duration::from_secs(15));
+        legate.wait_not_ready(READINESS);
 
         // `restart` returns once Redis answers PING directly.
         redis.restart();
@@ -83,7 +95,7 @@ fn the_first_connection_after_a_lone_backend_returns_succeeds() {
         let first = ping(through);
         let mut attempts = 1;
         let mut result = first.clone();
-        while result.is_err() && answered_directly.elapsed() < Duration::from_secs(30) {
+        while result.is_err() && answered_directly.elapsed() < RECOVERY_REPORT {
             std::thread::sleep(Duration::from_millis(10));
             result = ping(through);
             attempts += 1;
@@ -99,7 +111,7 @@ fn the_first_connection_after_a_lone_backend_returns_succeeds() {
              it succeeded only after {attempts} attempts, {recovery:?}"
         );
         recoveries.push(recovery);
-        legate.wait_ready(Duration::from_secs(15));
+        legate.wait_ready(READINESS);
     }
     recoveries.sort();
     eprintln!(
@@ -140,15 +152,15 @@ fn a_replica_is_never_a_last_resort() {
                 ),
         )
         .start();
-    legate.wait_ready(Duration::from_secs(15));
+    legate.wait_ready(READINESS);
     let through = legate.addr("redis");
     assert_eq!(role(through).as_deref(), Ok("master"));
 
     primary.stop();
-    legate.wait_not_ready(Duration::from_secs(15));
+    legate.wait_not_ready(READINESS);
     let started = Instant::now();
     let mut tries = 0;
-    while started.elapsed() < Duration::from_secs(3) {
+    while started.elapsed() < OUTAGE {
         tries += 1;
         match role(through) {
             Ok(role) => panic!("try {tries}: a connection through legate reached a {role}"),

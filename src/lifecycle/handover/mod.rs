@@ -392,30 +392,15 @@ pub async fn serve(
                 tracing::warn!(
                     "handoff socket: refused a second newcomer while one is taking over"
                 );
-                // Read its hello first: closing with it unread would reset the connection
-                // and the newcomer would see a broken pipe instead of the reason.
-                let _ = wire::recv(&stream, HELLO_TIMEOUT);
-                let _ = stream.set_write_timeout(Some(HELLO_TIMEOUT));
-                let _ = wire::send(
+                refuse(
                     &stream,
-                    &Message::Refused {
-                        reason: "another legate is already taking over from this one".into(),
-                    },
-                    &[],
+                    "another legate is already taking over from this one",
                 );
                 return;
             }
             if shared.is_draining() {
                 handoffs(metrics, "busy");
-                let _ = wire::recv(&stream, HELLO_TIMEOUT);
-                let _ = stream.set_write_timeout(Some(HELLO_TIMEOUT));
-                let _ = wire::send(
-                    &stream,
-                    &Message::Refused {
-                        reason: "this legate is shutting down".into(),
-                    },
-                    &[],
-                );
+                refuse(&stream, "this legate is shutting down");
                 busy.store(false, SeqCst);
                 return;
             }
@@ -425,6 +410,17 @@ pub async fn serve(
             }
         });
     }
+}
+
+/// Turn a newcomer away with `reason`. Its hello is read first: closing with it unread
+/// would reset the connection, and the newcomer would see a broken pipe, not the reason.
+fn refuse(stream: &UnixStream, reason: &str) {
+    let _ = wire::recv(stream, HELLO_TIMEOUT);
+    let _ = stream.set_write_timeout(Some(HELLO_TIMEOUT));
+    let refused = Message::Refused {
+        reason: reason.into(),
+    };
+    let _ = wire::send(stream, &refused, &[]);
 }
 
 fn handoffs(metrics: &Metrics, result: &str) {

@@ -61,10 +61,6 @@ pub mod discovery;
 pub mod fuzzing;
 #[forbid(unsafe_code)]
 mod health;
-// `lifecycle` is public for `Source` and `run` (main.rs), but it still declares its `handover`
-// and `sidecarset` stages `pub`, and two `handover` functions take the crate-private `Shared`.
-// TODO(lifecycle owner): declare both `pub(crate)` in lifecycle/mod.rs, then drop this allow.
-#[allow(private_interfaces)]
 #[forbid(unsafe_code)]
 pub mod lifecycle;
 #[forbid(unsafe_code)]

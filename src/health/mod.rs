@@ -23,10 +23,7 @@ pub(crate) mod mysql;
 pub(crate) mod redis;
 mod tcp;
 
-// Public to the crate because lifecycle/drain.rs and lifecycle/handover/wire.rs still name
-// `health::show`. TODO(lifecycle owner): name `crate::config::duration::show` there, then
-// make this a plain `use`.
-pub(crate) use crate::config::duration::show;
+use crate::config::duration::show;
 use crate::config::{CheckKind, HealthConfig};
 use crate::discovery::{EndpointSet, EndpointState, Health};
 use crate::state::{ListenerState, Shared};

@@ -4,7 +4,7 @@
 use super::listeners::Listeners;
 use super::signals::Signals;
 use crate::admin;
-use crate::health;
+use crate::config::duration::show;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
@@ -30,8 +30,8 @@ impl Listeners {
         let drain_timeout = self.config.runtime.drain_timeout;
         tracing::info!(
             cause,
-            shutdown_delay = %health::show(delay),
-            drain_timeout = %health::show(drain_timeout),
+            shutdown_delay = %show(delay),
+            drain_timeout = %show(drain_timeout),
             "{}",
             if announce { "shutting down: /ready is 503" } else { "shutting down" }
         );

@@ -23,10 +23,10 @@
 //! - `tls_reload`: certificates re-read when their files change.
 
 mod drain;
-pub mod handover;
+pub(crate) mod handover;
 mod listeners;
 mod reload;
-pub mod sidecarset;
+pub(crate) mod sidecarset;
 mod signals;
 mod start;
 mod supervise;

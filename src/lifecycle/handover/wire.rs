@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 pub enum WireError {
     #[error("the other legate closed the handover connection")]
     Closed,
-    #[error("no answer within {}", crate::health::show(*.0))]
+    #[error("no answer within {}", crate::config::duration::show(*.0))]
     TimedOut(Duration),
     #[error("{0}")]
     Io(#[from] io::Error),

@@ -66,12 +66,19 @@ pub enum StartError {
     Dns(String),
     #[error("TLS: {0}")]
     Tls(String),
+    /// A handover that failed before the commit (the running legate serves on).
     #[error("{0}")]
-    Handover(#[from] handover::HandoverError),
+    Handover(String),
     #[error("handoff_socket is set, but supervise mode (`-- CMD`) cannot hand its sockets over: the app's life is this process's; remove one of the two")]
     SuperviseHandoff,
     #[error("{0}")]
     SidecarSet(String),
+}
+
+impl From<handover::HandoverError> for StartError {
+    fn from(error: handover::HandoverError) -> StartError {
+        StartError::Handover(error.to_string())
+    }
 }
 
 /// Where the configuration came from, so a reload can rebuild it the same way.

@@ -9,11 +9,11 @@
 //! | VERSION = 0 | the "empty" container, a placeholder | bind nothing, exit 0 on SIGTERM |
 //! | VERSION < ALT | this, the older one, restarted after the other took over | bind nothing, exit 0 on SIGTERM |
 
-pub const VERSION: &str = "SIDECARSET_VERSION";
-pub const VERSION_ALT: &str = "SIDECARSET_VERSION_ALT";
+pub(crate) const VERSION: &str = "SIDECARSET_VERSION";
+pub(crate) const VERSION_ALT: &str = "SIDECARSET_VERSION_ALT";
 
 #[derive(Debug, PartialEq, Eq)]
-pub enum Role {
+pub(crate) enum Role {
     /// Bind and serve (taking over from the other container if it serves).
     Serve,
     /// Bind nothing; wait for SIGTERM. The reason is logged.
@@ -21,7 +21,7 @@ pub enum Role {
 }
 
 /// The role the environment gives this process.
-pub fn role() -> Result<Role, String> {
+pub(crate) fn role() -> Result<Role, String> {
     role_from(
         std::env::var(VERSION).ok().as_deref(),
         std::env::var(VERSION_ALT).ok().as_deref(),

@@ -17,7 +17,7 @@
 
 use crate::state::Shared;
 /// The signals [`App::forward`] passes on (`Signal::TERM`, `Signal::INT`, `Signal::HUP`).
-pub use rustix::process::Signal;
+pub(crate) use rustix::process::Signal;
 use rustix::process::{kill_process, Pid};
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
@@ -29,11 +29,11 @@ use tokio::process::{Child, Command};
 const READY_POLL: Duration = Duration::from_millis(50);
 
 /// The exit code when CMD cannot be started, as `sh` and `env` use for "not found".
-pub const CANNOT_START: i32 = 127;
+pub(crate) const CANNOT_START: i32 = 127;
 
 /// What happened to the application.
 #[derive(Debug)]
-pub enum AppEvent {
+pub(crate) enum AppEvent {
     /// legate turned ready and CMD is running.
     Started,
     /// CMD could not be started; the message says why.
@@ -50,14 +50,14 @@ enum Phase {
 }
 
 /// The supervised application.
-pub struct App {
+pub(crate) struct App {
     command: Vec<String>,
     phase: Phase,
 }
 
 impl App {
     /// `command` is CMD and its arguments; it must not be empty.
-    pub fn new(command: Vec<String>) -> App {
+    pub(crate) fn new(command: Vec<String>) -> App {
         debug_assert!(!command.is_empty());
         App {
             command,
@@ -65,13 +65,13 @@ impl App {
         }
     }
 
-    pub fn is_running(&self) -> bool {
+    pub(crate) fn is_running(&self) -> bool {
         matches!(self.phase, Phase::Running(_))
     }
 
     /// The next thing that happens to the application. Cancel-safe: the main loop calls
     /// it again after handling a signal or a reload.
-    pub async fn next(&mut self, shared: &Shared) -> AppEvent {
+    pub(crate) async fn next(&mut self, shared: &Shared) -> AppEvent {
         match &mut self.phase {
             Phase::WaitingForReady => {
                 while !is_ready(shared) {
@@ -116,7 +116,7 @@ impl App {
     }
 
     /// Hand `signal` on to the running application; nothing happens when it is not running.
-    pub fn forward(&self, signal: Signal) {
+    pub(crate) fn forward(&self, signal: Signal) {
         let Phase::Running(child) = &self.phase else {
             return;
         };
@@ -144,7 +144,7 @@ fn is_ready(shared: &Shared) -> bool {
 }
 
 /// A shell's view of how a process ended: its exit code, or 128+N if signal N killed it.
-pub fn exit_code(status: ExitStatus) -> i32 {
+pub(crate) fn exit_code(status: ExitStatus) -> i32 {
     match (status.code(), status.signal()) {
         (Some(code), _) => code,
         (None, Some(signal)) => 128 + signal,

@@ -16,7 +16,7 @@
 //! `protocol` is the messages and their parser; `wire` the socket and the descriptors;
 //! this file the two sides of the conversation.
 
-pub mod protocol;
+pub(crate) mod protocol;
 mod wire;
 
 use crate::config::HandoffSocket;
@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-pub use wire::{bind, WireError};
+pub(crate) use wire::{bind, WireError};
 
 /// The newcomer's Hello must come promptly: it was ready to talk when it connected.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -38,13 +38,13 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// which it bounds by `READY_WAIT`; the rest is slack for a loaded machine.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// The newcomer waits this long for its first discovery and health round.
-pub const READY_WAIT: Duration = Duration::from_secs(10);
+pub(crate) const READY_WAIT: Duration = Duration::from_secs(10);
 /// The running process answers as soon as it has been scheduled (a frozen or stopped
 /// process does not answer at all; then the newcomer gives up and exits).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
-pub enum HandoverError {
+pub(crate) enum HandoverError {
     #[error("cannot reach the handoff socket {socket}: {error}")]
     Connect {
         socket: String,
@@ -67,16 +67,16 @@ pub enum HandoverError {
 // ---------------------------------------------------------------------------------------------
 
 /// What a newcomer took over, before it commits.
-pub struct Taken {
+pub(crate) struct Taken {
     socket: HandoffSocket,
     session: UnixStream,
-    pub old_pid: u32,
+    pub(crate) old_pid: u32,
     sockets: Vec<(Offered, Option<OwnedFd>)>,
 }
 
 impl Taken {
     /// The offered listening TCP socket for `addr` in `role`, ready for tokio.
-    pub fn tcp(&mut self, role: Role, addr: SocketAddr) -> Option<tokio::net::TcpListener> {
+    pub(crate) fn tcp(&mut self, role: Role, addr: SocketAddr) -> Option<tokio::net::TcpListener> {
         let wanted = addr.to_string();
         let fd = self
             .sockets
@@ -94,7 +94,7 @@ impl Taken {
     }
 
     /// The handoff socket itself, so this process serves the next handover.
-    pub fn handoff(&mut self) -> Option<tokio::net::UnixListener> {
+    pub(crate) fn handoff(&mut self) -> Option<tokio::net::UnixListener> {
         let fd = self
             .sockets
             .iter_mut()
@@ -106,13 +106,13 @@ impl Taken {
     }
 
     /// What was offered, for the log line: `redis=127.0.0.1:6379 admin=127.0.0.1:9901`.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         describe(self.sockets.iter().map(|(offered, _)| offered))
     }
 
     /// Offered sockets this process has no use for (the old process closes them after
     /// the commit), for the log line.
-    pub fn unused(&self) -> String {
+    pub(crate) fn unused(&self) -> String {
         describe(
             self.sockets
                 .iter()
@@ -138,7 +138,7 @@ fn describe<'a>(offered: impl Iterator<Item = &'a Offered>) -> String {
 }
 
 /// Take the sockets of the legate serving `socket`; `Ok(None)` when nobody serves it.
-pub async fn take(socket: &HandoffSocket) -> Result<Option<Taken>, HandoverError> {
+pub(crate) async fn take(socket: &HandoffSocket) -> Result<Option<Taken>, HandoverError> {
     let socket = socket.clone();
     blocking(move || {
         let name = socket.to_string();
@@ -201,7 +201,7 @@ pub async fn take(socket: &HandoffSocket) -> Result<Option<Taken>, HandoverError
 }
 
 /// How a commit ended.
-pub enum Committed {
+pub(crate) enum Committed {
     /// The old process stopped accepting and said so.
     Confirmed,
     /// The old process went away before it confirmed (it crashed, or was stopped): the
@@ -211,7 +211,7 @@ pub enum Committed {
 
 /// Ask the old process to stop accepting; returns once it has (or is gone). Whatever
 /// `taken` still holds unused is closed here, as the old process closes it too.
-pub async fn commit(taken: Taken) -> Result<Committed, HandoverError> {
+pub(crate) async fn commit(taken: Taken) -> Result<Committed, HandoverError> {
     blocking(move || {
         let name = taken.socket.to_string();
         let wire_error = |error: WireError| HandoverError::Wire {
@@ -252,7 +252,7 @@ async fn blocking<T: Send + 'static>(
 
 /// The newcomer's side after taking the sockets: wait for the first discovery and health
 /// round (bounded), so it is ready before it accepts, then commit and start accepting.
-pub async fn take_over(
+pub(crate) async fn take_over(
     taken: Taken,
     shared: &crate::state::Shared,
     go: &CancellationToken,
@@ -302,10 +302,10 @@ fn first_round_done(shared: &crate::state::Shared) -> bool {
 /// live socket's; the set is replaced whenever listeners change (a reload), so a
 /// removed listener's socket is not kept open by it.
 #[derive(Default)]
-pub struct Offer(Mutex<Vec<(Offered, Arc<OwnedFd>)>>);
+pub(crate) struct Offer(Mutex<Vec<(Offered, Arc<OwnedFd>)>>);
 
 impl Offer {
-    pub fn replace(&self, sockets: Vec<(Offered, Arc<OwnedFd>)>) {
+    pub(crate) fn replace(&self, sockets: Vec<(Offered, Arc<OwnedFd>)>) {
         *self.0.lock().unwrap_or_else(PoisonError::into_inner) = sockets;
     }
 
@@ -318,12 +318,12 @@ impl Offer {
 }
 
 /// What `offer` holds, for the log line.
-pub fn describe_offer(offer: &Offer) -> String {
+pub(crate) fn describe_offer(offer: &Offer) -> String {
     describe(offer.snapshot().iter().map(|(offered, _)| offered))
 }
 
 /// A duplicate of `socket`'s descriptor for the offer.
-pub fn offered(
+pub(crate) fn offered(
     role: Role,
     name: &str,
     addr: String,
@@ -341,13 +341,13 @@ pub fn offered(
 }
 
 /// A newcomer that is ready and asks to commit: stop accepting, then [`confirm`].
-pub struct CommitRequest {
+pub(crate) struct CommitRequest {
     session: UnixStream,
-    pub pid: u32,
+    pub(crate) pid: u32,
 }
 
 /// Tell the newcomer the old process has stopped accepting.
-pub async fn confirm(request: CommitRequest) {
+pub(crate) async fn confirm(request: CommitRequest) {
     let _ =
         tokio::task::spawn_blocking(move || wire::send(&request.session, &Message::Committed, &[]))
             .await;
@@ -355,7 +355,7 @@ pub async fn confirm(request: CommitRequest) {
 
 /// Serve handovers on `listener` until `token` is cancelled: one newcomer at a time
 /// (another gets `Refused`); a newcomer that asks to commit is passed to `commits`.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: tokio::net::UnixListener,
     offer: Arc<Offer>,
     shared: Arc<crate::state::Shared>,

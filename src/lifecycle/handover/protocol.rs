@@ -19,16 +19,16 @@
 
 use serde::{Deserialize, Serialize};
 
-pub const MAGIC: [u8; 4] = *b"LGHO";
-pub const VERSION: u8 = 1;
-pub const HEADER_LEN: usize = 10;
+pub(crate) const MAGIC: [u8; 4] = *b"LGHO";
+pub(crate) const VERSION: u8 = 1;
+pub(crate) const HEADER_LEN: usize = 10;
 /// Far above any real offer (a few dozen sockets), far below anything that could hurt.
-pub const MAX_PAYLOAD: usize = 64 * 1024;
+pub(crate) const MAX_PAYLOAD: usize = 64 * 1024;
 /// The most descriptors one offer may carry (listeners, the admin and handoff sockets).
-pub const MAX_SOCKETS: usize = 200;
+pub(crate) const MAX_SOCKETS: usize = 200;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Message {
+pub(crate) enum Message {
     Hello { pid: u32, version: String },
     Offer { pid: u32, sockets: Vec<Offered> },
     Commit,
@@ -38,24 +38,24 @@ pub enum Message {
 
 /// What a handed-over descriptor is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Offered {
-    pub role: Role,
+pub(crate) struct Offered {
+    pub(crate) role: Role,
     /// The listener's name (empty for the admin and handoff sockets).
-    pub name: String,
+    pub(crate) name: String,
     /// The address it listens on, as the sender sees it: `127.0.0.1:6379`, `@name`.
-    pub addr: String,
+    pub(crate) addr: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Role {
+pub(crate) enum Role {
     Listener,
     Admin,
     Handoff,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ProtocolError {
+pub(crate) enum ProtocolError {
     #[error("not a legate handover message (the first bytes are {0:?}, not \"LGHO\")")]
     Magic([u8; 4]),
     #[error("handover protocol version {got}, this legate speaks version {VERSION}")]
@@ -69,7 +69,7 @@ pub enum ProtocolError {
 }
 
 /// The frame for `message`.
-pub fn encode(message: &Message) -> Vec<u8> {
+pub(crate) fn encode(message: &Message) -> Vec<u8> {
     // Serializing these plain types to JSON cannot fail.
     let payload = serde_json::to_vec(message).unwrap_or_default();
     let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
@@ -82,7 +82,7 @@ pub fn encode(message: &Message) -> Vec<u8> {
 }
 
 /// The payload length a header announces, once the header is known to be ours.
-pub fn decode_header(header: &[u8; HEADER_LEN]) -> Result<usize, ProtocolError> {
+pub(crate) fn decode_header(header: &[u8; HEADER_LEN]) -> Result<usize, ProtocolError> {
     let magic = [header[0], header[1], header[2], header[3]];
     if magic != MAGIC {
         return Err(ProtocolError::Magic(magic));
@@ -97,7 +97,7 @@ pub fn decode_header(header: &[u8; HEADER_LEN]) -> Result<usize, ProtocolError> 
     Ok(len as usize)
 }
 
-pub fn decode_payload(payload: &[u8]) -> Result<Message, ProtocolError> {
+pub(crate) fn decode_payload(payload: &[u8]) -> Result<Message, ProtocolError> {
     let message: Message = serde_json::from_slice(payload)
         .map_err(|error| ProtocolError::Payload(error.to_string()))?;
     if let Message::Offer { sockets, .. } = &message {
@@ -109,7 +109,7 @@ pub fn decode_payload(payload: &[u8]) -> Result<Message, ProtocolError> {
 }
 
 /// A whole frame from bytes: the fuzz target's entry, and the tests'.
-pub fn decode(frame: &[u8]) -> Result<Message, ProtocolError> {
+pub(crate) fn decode(frame: &[u8]) -> Result<Message, ProtocolError> {
     let Some(header) = frame.first_chunk::<HEADER_LEN>() else {
         return Err(ProtocolError::Payload(format!(
             "{} bytes, shorter than a header",

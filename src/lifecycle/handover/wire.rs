@@ -18,7 +18,7 @@ use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
-pub enum WireError {
+pub(crate) enum WireError {
     #[error("the other legate closed the handover connection")]
     Closed,
     #[error("no answer within {}", crate::config::duration::show(*.0))]
@@ -40,7 +40,7 @@ fn unix_addr(socket: &HandoffSocket) -> io::Result<UnixAddr> {
 
 /// Reach the legate serving `socket`. `Ok(None)`: nobody serves it (no such path, or a
 /// name or path nobody listens on).
-pub fn connect(socket: &HandoffSocket) -> io::Result<Option<UnixStream>> {
+pub(crate) fn connect(socket: &HandoffSocket) -> io::Result<Option<UnixStream>> {
     match UnixStream::connect_addr(&unix_addr(socket)?) {
         Ok(stream) => Ok(Some(stream)),
         Err(error)
@@ -57,7 +57,7 @@ pub fn connect(socket: &HandoffSocket) -> io::Result<Option<UnixStream>> {
 
 /// Serve `socket`. A path left behind by a process that is gone (nobody accepts on it)
 /// is removed and bound again; a live one is left alone.
-pub fn bind(socket: &HandoffSocket) -> io::Result<UnixListener> {
+pub(crate) fn bind(socket: &HandoffSocket) -> io::Result<UnixListener> {
     let addr = unix_addr(socket)?;
     match UnixListener::bind_addr(&addr) {
         Err(error) if error.kind() == io::ErrorKind::AddrInUse => {
@@ -75,7 +75,11 @@ pub fn bind(socket: &HandoffSocket) -> io::Result<UnixListener> {
 }
 
 /// Send `message` with `fds` attached.
-pub fn send(stream: &UnixStream, message: &Message, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+pub(crate) fn send(
+    stream: &UnixStream,
+    message: &Message,
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
     let frame = protocol::encode(message);
     let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
     let mut control = SendAncillaryBuffer::new(&mut space);
@@ -94,7 +98,10 @@ pub fn send(stream: &UnixStream, message: &Message, fds: &[BorrowedFd<'_>]) -> i
 }
 
 /// Receive one message and the descriptors that came with it, within `timeout`.
-pub fn recv(stream: &UnixStream, timeout: Duration) -> Result<(Message, Vec<OwnedFd>), WireError> {
+pub(crate) fn recv(
+    stream: &UnixStream,
+    timeout: Duration,
+) -> Result<(Message, Vec<OwnedFd>), WireError> {
     // One deadline for the whole message: a peer dripping a byte at a time gets no more.
     let deadline = Instant::now() + timeout;
     let mut fds = Vec::new();

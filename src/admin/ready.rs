@@ -114,7 +114,7 @@ pub(crate) fn refresh(shared: &Shared) {
 
 /// Keep the outside views of readiness current until `token` is cancelled; the ready
 /// file is removed on the way out.
-pub(crate) async fn watch(shared: Arc<Shared>, token: CancellationToken) {
+pub(crate) async fn publish(shared: Arc<Shared>, token: CancellationToken) {
     loop {
         refresh(&shared);
         tokio::select! {

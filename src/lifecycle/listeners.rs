@@ -116,7 +116,7 @@ impl Listeners {
         );
         previous.cancel();
         let config = state.config.load_full();
-        tokio::spawn(super::tls_reload::watch(
+        tokio::spawn(super::tls_reload::follow(
             Arc::clone(state),
             Arc::clone(&self.shared),
             token.clone(),

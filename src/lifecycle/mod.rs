@@ -34,20 +34,17 @@ mod tls_reload;
 
 use crate::admin;
 use crate::config::{Config, Handoff, ListenerConfig};
-use crate::discovery::dns::DnsResolver;
 use crate::state::Shared;
 use crate::watch::{FileWatch, LastContents};
-use handover::protocol::Role;
 use listeners::Listeners;
 use signals::{Event, Signals};
+use start::Started;
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// How often the config file is re-read when no watch event arrives.
 const CONFIG_POLL: Duration = Duration::from_secs(1);
@@ -134,104 +131,14 @@ pub async fn run(config: Config, source: Source, command: Vec<String>) -> Result
         (_, false) => None,
         (handoff, true) => handoff.socket(config.admin.listen),
     };
-    // TLS material is read before anything else happens: a bad certificate must not
-    // even reach the process we would take over from.
-    let materials = start::materials(&config)?;
-    let mut taken = match &handoff {
-        Some(socket) => handover::take(socket).await?,
-        None => None,
-    };
-    let shared = Arc::new(Shared::new(config.admin.ready_file.clone()));
-    // A ready file left by a killed predecessor must not claim readiness for us; one
-    // kept by the process we take over from is true until the commit, and ours after.
-    if let (Some(path), None) = (&shared.ready_file, &taken) {
-        let _ = std::fs::remove_file(path);
-    }
-    let bound = start::bind(&config, handoff.as_ref(), &mut taken)?;
-    if !config.admin.listen.ip().is_loopback() {
-        // /quitquitquit answers loopback peers only, but the read-only endpoints do not.
-        tracing::warn!(admin = %config.admin.listen, "the admin port is not on loopback: anyone who reaches it can read /endpoints and /metrics (backend addresses, health reasons)");
-    }
-    let resolver = Arc::new(DnsResolver::new(&config.dns).map_err(StartError::Dns)?);
+    let Started {
+        mut listeners,
+        mut servers,
+        mut commits,
+    } = start::start(&config, source, handoff).await?;
+    let shared = Arc::clone(&listeners.shared);
 
-    let go = CancellationToken::new();
-    if taken.is_none() {
-        go.cancel();
-    }
-    let mut fixed_offer = Vec::new();
-    fixed_offer.extend(handover::offered(
-        Role::Admin,
-        "",
-        config.admin.listen.to_string(),
-        bound.admin.as_fd(),
-    ));
-    if let (Some(socket), Some(listener)) = (&handoff, &bound.handoff) {
-        fixed_offer.extend(handover::offered(
-            Role::Handoff,
-            "",
-            socket.to_string(),
-            listener.as_fd(),
-        ));
-    }
-    let mut listeners = Listeners {
-        shared: Arc::clone(&shared),
-        resolver,
-        config: config.clone(),
-        source,
-        background: CancellationToken::new(),
-        accepting: CancellationToken::new(),
-        connections: CancellationToken::new(),
-        tracker: TaskTracker::new(),
-        running: Vec::new(),
-        go: go.clone(),
-        offer: Arc::new(handover::Offer::default()),
-        fixed_offer,
-    };
-    for ((listener_config, socket), material) in
-        config.listeners.iter().zip(bound.listeners).zip(materials)
-    {
-        let running = listeners.start_listener(listener_config.clone(), material, socket);
-        listeners.running.push(running);
-    }
-    listeners.publish_listeners();
-    tokio::spawn(admin::ready::watch(
-        Arc::clone(&shared),
-        listeners.background.clone(),
-    ));
-    // The admin port and the handoff socket, like the listeners, start serving at `go`.
-    let admin_stop = listeners.background.child_token();
-    let mut admin_server = tokio::spawn(gated(
-        go.clone(),
-        admin_stop.clone(),
-        admin::server::serve(bound.admin, Arc::clone(&shared), admin_stop.clone()),
-    ));
-    let (commits_tx, mut commits) = tokio::sync::mpsc::channel(1);
-    let handoff_stop = listeners.background.child_token();
-    let _handoff_server = bound.handoff.map(|listener| {
-        tokio::spawn(gated(
-            go.clone(),
-            handoff_stop.clone(),
-            handover::serve(
-                listener,
-                Arc::clone(&listeners.offer),
-                Arc::clone(&shared),
-                commits_tx,
-                handoff_stop.clone(),
-            ),
-        ))
-    });
-    if let Some(taken) = taken {
-        handover::take_over(taken, &shared, &go).await?;
-    }
-    tracing::info!(admin = %config.admin.listen, listeners = config.listeners.len(), handoff_socket = handoff.as_ref().map(|s| s.to_string()), "legate started");
-
-    let mut config_watch = listeners
-        .source
-        .path
-        .as_ref()
-        .map(|path| FileWatch::new(path, CONFIG_POLL));
-    let read_config = |source: &Source| source.path.as_ref().and_then(|p| std::fs::read(p).ok());
-    let mut config_bytes = LastContents::new(read_config(&listeners.source));
+    let mut config_file = ConfigFile::new(listeners.source.path.clone());
     let mut app = (!command.is_empty()).then(|| supervise::App::new(command));
     // Supervise mode: a stop asked for while the app runs goes on to the app, and legate
     // drains once the app has exited (the app may need legate to finish its work).
@@ -239,12 +146,7 @@ pub async fn run(config: Config, source: Source, command: Vec<String>) -> Result
     let mut exit_code = 0;
     let mut handed_over = false;
     let cause = loop {
-        let config_changed = async {
-            match config_watch.as_mut() {
-                Some(watch) => watch.changed().await,
-                None => std::future::pending().await,
-            }
-        };
+        let config_changed = config_file.changed();
         let app_event = async {
             match app.as_mut() {
                 Some(app) => app.next(&shared).await,
@@ -254,21 +156,7 @@ pub async fn run(config: Config, source: Source, command: Vec<String>) -> Result
         let quit_asked = shared.shutdown.is_cancelled();
         tokio::select! {
             Some(request) = commits.recv() => {
-                let pid = request.pid;
-                shared.handing_over.store(true, Relaxed);
-                // Stop accepting everywhere first: from the confirmation on, only the
-                // newcomer accepts, from the same sockets and their queues.
-                listeners.accepting.cancel();
-                for running in std::mem::take(&mut listeners.running) {
-                    let _ = running.accept_loop.await;
-                }
-                admin_stop.cancel();
-                let _ = (&mut admin_server).await;
-                handoff_stop.cancel();
-                handover::confirm(request).await;
-                shared.metrics.handoffs.with_label_values(&["committed"]).inc();
-                let open: usize = shared.listeners.load().iter().map(|l| l.active.load(Relaxed)).sum();
-                tracing::info!(newcomer = pid, open, offered = %handover::describe_offer(&listeners.offer), "handed over: the new legate accepts now; draining the open connections");
+                hand_over(&mut listeners, &mut servers, request).await;
                 handed_over = true;
                 break "handed over";
             }
@@ -289,7 +177,7 @@ pub async fn run(config: Config, source: Source, command: Vec<String>) -> Result
                         continue;
                     }
                     tracing::info!("SIGHUP: reloading the configuration");
-                    config_bytes.set(read_config(&listeners.source));
+                    config_file.reloading();
                     listeners.reload().await;
                 }
             },
@@ -316,14 +204,9 @@ pub async fn run(config: Config, source: Source, command: Vec<String>) -> Result
                     break "the supervised command exited";
                 }
             },
-            _ = config_changed => {
-                // A missing or empty file is a write in progress or a mistake: the
-                // running configuration stays, and the next change is picked up.
-                let bytes = read_config(&listeners.source).filter(|b| !b.is_empty());
-                if bytes.is_some_and(|bytes| config_bytes.changed(bytes)) {
-                    tracing::info!("configuration file changed: reloading");
-                    listeners.reload().await;
-                }
+            () = config_changed => {
+                tracing::info!("configuration file changed: reloading");
+                listeners.reload().await;
             }
         }
     };
@@ -334,18 +217,109 @@ pub async fn run(config: Config, source: Source, command: Vec<String>) -> Result
         None if handed_over => Duration::ZERO,
         None => listeners.config.runtime.shutdown_delay,
     };
-    listeners
-        .drain(&mut signals, cause, delay, !handed_over)
-        .await;
+    finish(listeners, &mut signals, cause, delay, handed_over).await;
+    Ok(exit_code)
+}
+
+/// Drain, stop the background work, and (unless the sockets were handed over, when the
+/// address and its ready file are the newcomer's) say not ready.
+async fn finish(
+    mut listeners: Listeners,
+    signals: &mut Signals,
+    cause: &str,
+    delay: Duration,
+    handed_over: bool,
+) {
+    listeners.drain(signals, cause, delay, !handed_over).await;
     listeners.background.cancel();
-    // After a handover, the address is ready (the newcomer's), and so is its ready file.
     if !handed_over {
-        admin::ready::refresh(&shared);
+        let shared = &listeners.shared;
+        admin::ready::refresh(shared);
         if let Some(path) = &shared.ready_file {
             let _ = std::fs::remove_file(path);
         }
     }
-    Ok(exit_code)
+}
+
+/// A newcomer is ready and asks to commit: stop accepting everywhere — listeners, the
+/// admin port, the handoff socket — then confirm. From the confirmation on only the
+/// newcomer accepts, from the same sockets and their queues.
+async fn hand_over(
+    listeners: &mut Listeners,
+    servers: &mut start::Servers,
+    request: handover::CommitRequest,
+) {
+    let shared = Arc::clone(&listeners.shared);
+    let pid = request.pid;
+    shared.handing_over.store(true, Relaxed);
+    listeners.accepting.cancel();
+    for running in std::mem::take(&mut listeners.running) {
+        let _ = running.accept_loop.await;
+    }
+    servers.admin.stop.cancel();
+    let _ = (&mut servers.admin.task).await;
+    servers.handoff.cancel();
+    handover::confirm(request).await;
+    shared
+        .metrics
+        .handoffs
+        .with_label_values(&["committed"])
+        .inc();
+    let open: usize = shared
+        .listeners
+        .load()
+        .iter()
+        .map(|l| l.active.load(Relaxed))
+        .sum();
+    tracing::info!(
+        newcomer = pid,
+        open,
+        offered = %handover::describe_offer(&listeners.offer),
+        "handed over: the new legate accepts now; draining the open connections"
+    );
+}
+
+/// The configuration file, watched: `changed` resolves when its contents changed to
+/// something not acted on yet. A missing or empty file is a write in progress or a
+/// mistake: the running configuration stays, and the next change is picked up.
+struct ConfigFile {
+    path: Option<PathBuf>,
+    watch: Option<FileWatch>,
+    contents: LastContents<Vec<u8>>,
+}
+
+impl ConfigFile {
+    fn new(path: Option<PathBuf>) -> ConfigFile {
+        let watch = path.as_ref().map(|path| FileWatch::new(path, CONFIG_POLL));
+        let contents = LastContents::new(read(path.as_deref()));
+        ConfigFile {
+            path,
+            watch,
+            contents,
+        }
+    }
+
+    async fn changed(&mut self) {
+        let Some(watch) = self.watch.as_mut() else {
+            return std::future::pending().await;
+        };
+        loop {
+            watch.changed().await;
+            let bytes = read(self.path.as_deref()).filter(|bytes| !bytes.is_empty());
+            if bytes.is_some_and(|bytes| self.contents.changed(bytes)) {
+                return;
+            }
+        }
+    }
+
+    /// A reload for another reason (SIGHUP) reads the file as it is now.
+    fn reloading(&mut self) {
+        self.contents.set(read(self.path.as_deref()));
+    }
+}
+
+fn read(path: Option<&std::path::Path>) -> Option<Vec<u8>> {
+    path.and_then(|path| std::fs::read(path).ok())
 }
 
 /// `serve`, started once `go` is cancelled, unless `stop` comes first.

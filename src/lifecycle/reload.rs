@@ -6,13 +6,20 @@
 
 use super::listeners::Listeners;
 use crate::balance::Balancer;
-use crate::config::ListenerConfig;
+use crate::config::{Config, ListenerConfig};
 use crate::proxy::listener;
 use crate::state::ListenerState;
 use crate::tls::{self, Expiry, ListenerTls};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
+
+/// A reload's preparation: TLS material by listener name, and each listener to add with
+/// its freshly bound socket (`None`: it takes over the socket of a listener removed).
+struct Plan {
+    materials: Vec<(String, (ListenerTls, Vec<Expiry>))>,
+    fresh: Vec<(ListenerConfig, Option<TcpListener>)>,
+}
 
 impl Listeners {
     pub(super) async fn reload(&mut self) {
@@ -24,6 +31,16 @@ impl Listeners {
                 return;
             }
         };
+        self.warn_restart_only(&new);
+        let Some(plan) = self.prepare(&new) else {
+            self.shared.metrics.reload("config", false);
+            return;
+        };
+        self.apply(new, plan).await;
+    }
+
+    /// `admin.*` and `[dns]` are read at start only: say so when they change.
+    fn warn_restart_only(&self, new: &Config) {
         if new.admin.listen != self.config.admin.listen {
             tracing::warn!(running = %self.config.admin.listen, new = %new.admin.listen, "admin.listen changes need a restart; keeping the running admin address");
         }
@@ -33,7 +50,12 @@ impl Listeners {
         if new.dns != self.config.dns {
             tracing::warn!("[dns] changes need a restart; keeping the running resolver");
         }
+    }
 
+    /// What the new configuration needs before anything changes: TLS material for every
+    /// listener whose TLS settings are new, and the new addresses bound. `None` (logged)
+    /// refuses the whole reload.
+    fn prepare(&self, new: &Config) -> Option<Plan> {
         // Listeners that keep their name and address change in place; all others are
         // replaced. Bind every new address first, so a failure changes nothing.
         let keeps = |candidate: &ListenerConfig| {
@@ -68,18 +90,11 @@ impl Listeners {
             match ListenerTls::build(candidate) {
                 Ok(material) => materials.push((candidate.name.clone(), material)),
                 Err(error) => {
-                    self.shared.metrics.reload("config", false);
                     tracing::error!(listener = %candidate.name, %error, "configuration refused: TLS material; the running configuration stays");
-                    return;
+                    return None;
                 }
             }
         }
-        let mut take_material = |name: &str| {
-            materials
-                .iter()
-                .position(|(n, _)| n == name)
-                .map(|index| materials.swap_remove(index).1)
-        };
         let mut fresh: Vec<(ListenerConfig, Option<TcpListener>)> = Vec::new();
         for candidate in new.listeners.iter().filter(|l| !keeps(l)) {
             if freed.contains(&candidate.listen) {
@@ -90,13 +105,27 @@ impl Listeners {
             match listener::bind(candidate.listen) {
                 Ok(socket) => fresh.push((candidate.clone(), Some(socket))),
                 Err(error) => {
-                    self.shared.metrics.reload("config", false);
                     tracing::error!(listener = %candidate.name, listen = %candidate.listen, %error, "configuration refused: cannot listen; the running configuration stays");
-                    return;
+                    return None;
                 }
             }
         }
 
+        Some(Plan { materials, fresh })
+    }
+
+    /// Change in place, remove and add listeners as `plan` prepared them.
+    async fn apply(&mut self, new: Config, plan: Plan) {
+        let Plan {
+            mut materials,
+            fresh,
+        } = plan;
+        let mut take_material = |name: &str| {
+            materials
+                .iter()
+                .position(|(n, _)| n == name)
+                .map(|index| materials.swap_remove(index).1)
+        };
         let (mut added, mut removed, mut changed) = (0, 0, 0);
         let mut handed_over: Vec<(SocketAddr, TcpListener)> = Vec::new();
         let mut kept = Vec::new();

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 const POLL: Duration = Duration::from_secs(2);
 
 /// Reload `listener`'s TLS material whenever one of its files changes, until cancelled.
-pub(super) async fn watch(
+pub(super) async fn follow(
     listener: Arc<ListenerState>,
     shared: Arc<Shared>,
     token: CancellationToken,

@@ -2149,3 +2149,41 @@ fn sidecarset_decision_table() {
         no_panics(node);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// 10. The ready file across a handover
+// ---------------------------------------------------------------------------------------------
+
+/// `ready_file` names one file for both processes: the newcomer keeps it (it is ready
+/// before it commits), and the old process, draining and exiting, must not remove it.
+#[test]
+fn the_ready_file_stays_through_a_handover() {
+    let _machine = shared();
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let ready_file = dir.path().join("ready");
+    let admin = local(free_port());
+    let port = free_port();
+    let config = write_config(
+        dir.path(),
+        "legate.toml",
+        &format!(
+            "[admin]\nlisten = \"{admin}\"\nready_file = \"{}\"\n\n[runtime]\ndrain_timeout = \"5s\"\n{}",
+            ready_file.display(),
+            listener_toml("redis", port, redis.addr(), "")
+        ),
+    );
+    let mut old = Node::run("legate (old)", &config);
+    wait_ready(&mut old, admin, T);
+    eventually(T, "the ready file to appear", || ready_file.exists());
+    let mut new = Node::run("legate (new)", &config);
+    let status = old.wait_exit(T);
+    assert!(status.success(), "the old legate exited {status}");
+    wait_ready(&mut new, admin, T);
+    assert!(
+        ready_file.exists(),
+        "the old legate removed the ready file on its way out; old log:\n{}",
+        old.log()
+    );
+    ping_ok(local(port), "after the handover");
+}

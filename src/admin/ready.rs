@@ -99,6 +99,10 @@ pub(crate) fn refresh(shared: &Shared) {
     if ready {
         latch_started(shared);
     }
+    // After a handover the ready file is the newcomer's to keep.
+    if shared.handing_over.load(Relaxed) {
+        return;
+    }
     if let Some(path) = &shared.ready_file {
         let exists = path.exists();
         let result = match (ready, exists) {
@@ -123,7 +127,8 @@ pub(crate) async fn publish(shared: Arc<Shared>, token: CancellationToken) {
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
     }
-    if let Some(path) = &shared.ready_file {
+    // After a handover the ready file is the newcomer's to keep.
+    if let (Some(path), false) = (&shared.ready_file, shared.handing_over.load(Relaxed)) {
         let _ = std::fs::remove_file(path);
     }
 }

@@ -108,11 +108,13 @@ pub(super) async fn start(
         listeners.running.push(running);
     }
     listeners.publish_listeners();
-    tokio::spawn(admin::ready::publish(
-        Arc::clone(&shared),
+    // Readiness (gauges, ready file), the admin port and the handoff socket, like the
+    // listeners, start at `go`: until a takeover commits they are the old process's.
+    tokio::spawn(gated(
+        go.clone(),
         listeners.background.clone(),
+        admin::ready::publish(Arc::clone(&shared), listeners.background.clone()),
     ));
-    // The admin port and the handoff socket, like the listeners, start serving at `go`.
     let admin_stop = listeners.background.child_token();
     let admin_server = tokio::spawn(gated(
         go.clone(),

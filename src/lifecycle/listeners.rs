@@ -79,6 +79,12 @@ impl Listeners {
             self.tracker.clone(),
             self.connections.clone(),
         );
+        // Bound from now on, whether this process accepts yet or (before a takeover
+        // commits) the old one still does: `/ready` must not call the address unbound the
+        // moment the admin port starts answering, before the accept loop has run.
+        state
+            .bound
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let accept_loop = tokio::spawn(async move {
             // Before `go` (a handover not committed yet) the old process accepts.
             tokio::select! {

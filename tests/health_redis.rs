@@ -118,8 +118,12 @@ fn redis_primary_follows_a_role_switch_and_closes_old_connections() {
         "{shown}"
     );
     assert_eq!(endpoint(&legate, primary.addr())["detail"], "role: master");
-    assert_eq!(endpoint_count(&legate, "healthy"), 1.0);
-    assert_eq!(endpoint_count(&legate, "unhealthy"), 1.0);
+    // The gauges follow the live state `/endpoints` shows once the readiness task runs.
+    eventually(
+        VERDICT,
+        "the gauges to count 1 healthy and 1 unhealthy",
+        || endpoint_count(&legate, "healthy") == 1.0 && endpoint_count(&legate, "unhealthy") == 1.0,
+    );
 
     // Every write through legate lands on the primary (a replica would answer READONLY).
     for i in 0..10 {
@@ -198,7 +202,9 @@ fn redis_primary_follows_a_role_switch_and_closes_old_connections() {
                 && endpoint(&legate, replica.addr())["detail"] == "role: master"
         },
     );
-    assert_eq!(endpoint_count(&legate, "healthy"), 1.0);
+    eventually(VERDICT, "the gauge to count 1 healthy", || {
+        endpoint_count(&legate, "healthy") == 1.0
+    });
 }
 
 #[test]
@@ -233,8 +239,13 @@ fn redis_check_avoids_a_paused_backend_and_readmits_it() {
             .is_some_and(|e| e.contains("PING")),
         "{shown}"
     );
-    assert_eq!(endpoint_count(&legate, "healthy"), 1.0);
-    assert_eq!(endpoint_count(&legate, "unhealthy"), 1.0);
+    // The gauges are published by the readiness task a moment after the state
+    // `/endpoints` reads live.
+    eventually(
+        VERDICT,
+        "the gauges to count 1 healthy and 1 unhealthy",
+        || endpoint_count(&legate, "healthy") == 1.0 && endpoint_count(&legate, "unhealthy") == 1.0,
+    );
     for i in 0..20 {
         let port = served_by(through)
             .unwrap_or_else(|e| panic!("connection #{i} while a backend is paused: {e}"));

@@ -34,9 +34,9 @@ const RESERVED_FDS: usize = 4;
 /// Serve until `token` is cancelled.
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, token: CancellationToken) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let mut reserve = Reserve::new();
+    let reserve = Arc::new(std::sync::Mutex::new(Reserve::new()));
     loop {
-        reserve.refill();
+        Reserve::refill_shared(&reserve);
         let accepted = tokio::select! {
             _ = token.cancelled() => return,
             accepted = listener.accept() => accepted,
@@ -44,9 +44,11 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, token: Can
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(error) if matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
-                // Out of descriptors: free the spares so this one connection can be
-                // accepted and answered, then take them back.
-                reserve.release();
+                // Out of descriptors: free one spare, right before the accept that takes
+                // it (freeing them all left the rest to the data plane, which keeps what it
+                // gets while its connections are held, and the admin port starved); the
+                // connection gives it back the moment it closes.
+                Reserve::release_one(&reserve);
                 match listener.accept().await {
                     Ok(accepted) => accepted,
                     Err(_) => {
@@ -66,6 +68,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, token: Can
             continue;
         };
         let shared = Arc::clone(&shared);
+        let reserve = Arc::clone(&reserve);
         tokio::spawn(async move {
             let connection = serve_connection(stream, shared, peer);
             // Garbage, oversized or timed-out requests end here; hyper has already
@@ -75,6 +78,9 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, token: Can
                 Err(_) => tracing::debug!("admin connection closed after its lifetime"),
                 Ok(Ok(())) => {}
             }
+            // The connection's descriptor closed just now: take it back at once, before
+            // the data plane's accept retries can.
+            Reserve::refill_shared(&reserve);
             drop(permit);
         });
     }
@@ -242,7 +248,18 @@ impl Reserve {
         }
     }
 
-    fn release(&mut self) {
-        self.0.clear();
+    fn refill_shared(reserve: &std::sync::Mutex<Reserve>) {
+        reserve
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .refill();
+    }
+
+    fn release_one(reserve: &std::sync::Mutex<Reserve>) {
+        reserve
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+            .pop();
     }
 }

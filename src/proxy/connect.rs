@@ -212,26 +212,27 @@ pub(crate) async fn connect(
         } else {
             balancer.pick(&set, &tried[..attempt], monotonic_ms())
         };
-        let Some(index) = picked else {
+        let index = match picked {
+            Some(index) => index,
             // Endpoints that just appeared (a rewritten file, a new DNS answer) get no
             // traffic until their first check passes, which takes a moment. Rather than
             // fail a connection that arrives in that gap, wait for it, once, within
             // connect_timeout.
-            if attempt == 0 && !waited && awaiting_first_check(&set) {
+            None if attempt == 0 && !waited && awaiting_first_check(&set) => {
                 waited = true;
                 wait_for_health(listener, config.connect_timeout).await;
                 set = listener.endpoints.load();
                 continue;
             }
-            if !last_resort
-                && set.healthy_count(monotonic_ms()) == 0
-                && last_resort_pick(&set, &tried[..attempt]).is_some()
-            {
+            None if !last_resort && set.healthy_count(monotonic_ms()) == 0 => {
                 last_resort = true;
+                let Some(index) = last_resort_pick(&set, &tried[..attempt]) else {
+                    break;
+                };
                 listener.metrics.last_resort.inc();
-                continue;
+                index
             }
-            break;
+            None => break,
         };
         tried[attempt] = index;
         match try_endpoint(listener, config, &set.endpoints[index]).await {

@@ -152,8 +152,7 @@ async fn splice_both(
                 Ok(()) => up_done = true,
                 Err(error) => {
                     if error.is_write() && !down_done {
-                        ending.store(true, Relaxed);
-                        let _ = tokio::time::timeout(SALVAGE, &mut to_client).await;
+                        salvage(&ending, &mut to_client).await;
                     }
                     return error.end(Side::Client, Side::Upstream);
                 }
@@ -162,8 +161,7 @@ async fn splice_both(
                 Ok(()) => down_done = true,
                 Err(error) => {
                     if error.is_write() && !up_done {
-                        ending.store(true, Relaxed);
-                        let _ = tokio::time::timeout(SALVAGE, &mut to_upstream).await;
+                        salvage(&ending, &mut to_upstream).await;
                     }
                     return error.end(Side::Upstream, Side::Client);
                 }
@@ -173,6 +171,14 @@ async fn splice_both(
             return End::Closed;
         }
     }
+}
+
+/// The connection is ending with a reset from the side `other` reads: let `other` deliver
+/// what that side sent before it (see [`DirectionError::is_write`]), within [`SALVAGE`].
+#[cfg(target_os = "linux")]
+async fn salvage<F: Future + Unpin>(ending: &AtomicBool, other: F) {
+    ending.store(true, Relaxed);
+    let _ = tokio::time::timeout(SALVAGE, other).await;
 }
 
 /// `fut` (a cancellation signal), polled only on the first poll and after its own
